@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Idempotent environment set-up: creates .venv with the pinned stack.
+# TREC_RANK_VARIANT=cpu (default) | cuda chooses fbgemm-gpu-cpu or the CUDA fbgemm-gpu.
+# A stamp file records the requirement hash so a second run installs nothing.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VARIANT="${TREC_RANK_VARIANT:-cpu}"
+PY="${PYTHON:-python3}"
+VENV=.venv
+STAMP="$VENV/.trec-rank-stamp"
+
+case "$VARIANT" in
+  cpu)  FBGEMM="fbgemm-gpu-cpu==1.8.0" ;;
+  cuda) FBGEMM="fbgemm-gpu==1.8.0" ;;
+  *) echo "bootstrap: TREC_RANK_VARIANT must be 'cpu' or 'cuda', got '$VARIANT'" >&2; exit 2 ;;
+esac
+
+want="$VARIANT $(cat scripts/bootstrap.sh pyproject.toml | sha256sum | cut -c1-16)"
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+  exit 0
+fi
+
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+PIP="$VENV/bin/python -m pip --disable-pip-version-check -q"
+$PIP install "torch==2.13.0"
+$PIP install "$FBGEMM"
+# torchrec's metadata pins the CUDA fbgemm-gpu: install it alone, then its real needs.
+$PIP install --no-deps "torchrec==1.8.0"
+$PIP install "tensordict==0.15.3" "torchmetrics==1.0.3" "tqdm" "pyre-extensions" "iopath"
+$PIP install --no-deps -e .
+$PIP install "torchx==0.7.0" "pyarrow==26.0.1" "tensorboard==2.21.0" "PyYAML" "pytest" "ruff" "docstring-parser"
+echo "$want" > "$STAMP"
+echo "bootstrap: .venv ready ($VARIANT)"

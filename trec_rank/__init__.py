@@ -1,0 +1,1 @@
+"""trec-rank: recommender ranking on TorchRec."""

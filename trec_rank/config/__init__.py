@@ -1,0 +1,1 @@
+"""Typed configs: the feature schema and the experiment (data, model, train, sharding)."""

@@ -1,0 +1,153 @@
+"""The feature schema: one declarative description read by data, models and the planner.
+
+Tables and features are separate so several features can read one table (the target item id
+and the item history share the item table). Routing rule, fixed here so every consumer agrees:
+a table read by any `sequence` feature lives in the EmbeddingCollection (jagged, unpooled), and
+every feature on it - sequence or sparse - travels in the `sequence` KJT; all other sparse
+features travel in the `sparse` KJT and are pooled by the EmbeddingBagCollection.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from trec_rank.config.typed import ConfigError
+
+FeatureKind = Literal["sparse", "sequence", "dense", "label"]
+OovPolicy = Literal["error", "hash", "oov_row"]
+
+
+@dataclass
+class TableConfig:
+    """One embedding table. `num_embeddings` is the id range [0, num_embeddings)."""
+
+    name: str
+    num_embeddings: int
+    embedding_dim: int
+
+    def post_load(self, key: str) -> None:
+        if self.num_embeddings < 1:
+            raise ConfigError(f"{key}.num_embeddings: must be >= 1, got {self.num_embeddings}")
+        if self.embedding_dim < 1:
+            raise ConfigError(f"{key}.embedding_dim: must be >= 1, got {self.embedding_dim}")
+
+
+@dataclass
+class FeatureConfig:
+    """One input column.
+
+    sparse: int64 (single id) or list<int64> (multi-valued ids), pooled with `pooling`.
+    sequence: list<int64> of ids in time order; the last `max_len` are kept; `side` maps a side
+      name (e.g. timestamp, rating) to a list column aligned element by element with the ids.
+    dense: one float column. label: one numeric column, a training target.
+    `oov` decides ids outside [0, num_embeddings): `error` rejects the data, `hash` takes the id
+    modulo num_embeddings, `oov_row` sends it to one extra row appended to the table.
+    Negative ids are always rejected: they signal a broken upstream join, not a hashing need.
+    """
+
+    name: str
+    kind: FeatureKind
+    column: str = ""
+    table: str = ""
+    pooling: Literal["sum", "mean"] = "sum"
+    max_len: int = 0
+    side: dict[str, str] = field(default_factory=dict)
+    oov: OovPolicy = "error"
+
+    def post_load(self, key: str) -> None:
+        if not self.column:
+            self.column = self.name
+        has_table = self.kind in ("sparse", "sequence")
+        if has_table and not self.table:
+            raise ConfigError(f"{key}.table: a {self.kind} feature needs an embedding table")
+        if not has_table and self.table:
+            raise ConfigError(f"{key}.table: a {self.kind} feature has no embedding table")
+        if self.kind == "sequence" and self.max_len < 1:
+            raise ConfigError(f"{key}.max_len: a sequence feature needs max_len >= 1")
+        if self.max_len < 0:
+            raise ConfigError(f"{key}.max_len: must be >= 0, got {self.max_len}")
+        if self.side and self.kind != "sequence":
+            raise ConfigError(f"{key}.side: only sequence features have side columns")
+
+
+@dataclass
+class Schema:
+    tables: list[TableConfig]
+    features: list[FeatureConfig]
+
+    def post_load(self, key: str) -> None:
+        key = key or "schema"
+        tables = [t.name for t in self.tables]
+        dup = {n for n in tables if tables.count(n) > 1}
+        if dup:
+            raise ConfigError(f"{key}.tables: duplicate table name(s) {sorted(dup)}")
+        names = [f.name for f in self.features]
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ConfigError(f"{key}.features: duplicate feature name(s) {sorted(dup)}")
+        for i, f in enumerate(self.features):
+            if f.table and f.table not in tables:
+                raise ConfigError(f"{key}.features[{i}].table: unknown table '{f.table}' "
+                                  f"(tables: {', '.join(tables)})")
+        seq_tables = {f.table for f in self.features if f.kind == "sequence"}
+        dims = {t.embedding_dim for t in self.tables if t.name in seq_tables}
+        if len(dims) > 1:
+            raise ConfigError(f"{key}.tables: tables read by sequence features share one "
+                              f"EmbeddingCollection and need one embedding_dim, got {sorted(dims)}")
+        for name in tables:
+            pools = {f.pooling for f in self.features if f.table == name and f.kind == "sparse"}
+            if len(pools) > 1 and name not in seq_tables:
+                raise ConfigError(f"{key}.features: sparse features on table '{name}' disagree on "
+                                  f"pooling {sorted(pools)}; TorchRec pools per table")
+        if not self.labels and not self.features:
+            raise ConfigError(f"{key}.features: empty")
+
+    # ---- views every consumer uses -------------------------------------------------------
+    def of_kind(self, kind: str) -> list[FeatureConfig]:
+        return [f for f in self.features if f.kind == kind]
+
+    @property
+    def dense(self) -> list[FeatureConfig]:
+        return self.of_kind("dense")
+
+    @property
+    def labels(self) -> list[FeatureConfig]:
+        return self.of_kind("label")
+
+    @property
+    def sequence_tables(self) -> list[TableConfig]:
+        names = {f.table for f in self.features if f.kind == "sequence"}
+        return [t for t in self.tables if t.name in names]
+
+    @property
+    def pooled_tables(self) -> list[TableConfig]:
+        seq = {t.name for t in self.sequence_tables}
+        used = {f.table for f in self.features if f.kind == "sparse"}
+        return [t for t in self.tables if t.name in used and t.name not in seq]
+
+    @property
+    def pooled_features(self) -> list[FeatureConfig]:
+        """Features in the `sparse` KJT, looked up by the EmbeddingBagCollection."""
+        seq = {t.name for t in self.sequence_tables}
+        return [f for f in self.features if f.kind == "sparse" and f.table not in seq]
+
+    @property
+    def sequence_features(self) -> list[FeatureConfig]:
+        """Features in the `sequence` KJT (jagged, looked up by the EmbeddingCollection)."""
+        seq = {t.name for t in self.sequence_tables}
+        return [f for f in self.features if f.kind in ("sparse", "sequence") and f.table in seq]
+
+    def table(self, name: str) -> TableConfig:
+        return next(t for t in self.tables if t.name == name)
+
+    def feature(self, name: str) -> FeatureConfig:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise ConfigError(f"unknown feature '{name}' (features: {', '.join(f.name for f in self.features)})")
+
+    def table_rows(self, name: str) -> int:
+        """Rows to allocate: num_embeddings, plus one shared OOV row if any feature asks for it."""
+        extra = any(f.table == name and f.oov == "oov_row" for f in self.features)
+        return self.table(name).num_embeddings + int(extra)

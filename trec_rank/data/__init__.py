@@ -1,0 +1,1 @@
+"""Parquet rows -> TorchRec batches."""

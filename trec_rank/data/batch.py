@@ -1,0 +1,76 @@
+"""The unit of work between the data layer and every model: one `Batch`.
+
+TorchRec's TrainPipelineSparseDist moves batches between devices and streams, so `Batch`
+implements the `Pipelineable` contract (`to`, `record_stream`, `pin_memory`). Sharded modules
+take plain attributes of it (`model.ebc(batch.sparse)`), which keeps the model fx-traceable.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
+from torchrec.streamable import Pipelineable
+
+
+@dataclass
+class Batch(Pipelineable):
+    """B rows of training/eval/scoring input.
+
+    dense:     [B, n_dense] float32, padded-free (every row has every dense feature).
+    sparse:    KJT (jagged) of the features pooled by the EmbeddingBagCollection; stride B.
+    sequence:  KJT (jagged) of the features looked up by the EmbeddingCollection (histories, and
+               sparse features whose table a history shares); stride B; ids in time order.
+    side:      "<feature>/<side>" -> 1-D tensor aligned element by element with that feature's
+               values in `sequence` (jagged values; the lengths are the feature's lengths).
+    labels:    task -> [B] float32 (empty when scoring unlabeled data).
+    weights:   [B] float32; 1 for real rows, 0 for lockstep padding rows that metrics must ignore.
+    row_index: [B] int64, the row's stable position in the dataset (file order, then row), for
+               exactly-once checks and joining scores back to inputs.
+    """
+
+    dense: torch.Tensor
+    sparse: KeyedJaggedTensor
+    sequence: KeyedJaggedTensor
+    side: dict[str, torch.Tensor] = field(default_factory=dict)
+    labels: dict[str, torch.Tensor] = field(default_factory=dict)
+    weights: torch.Tensor = field(default_factory=lambda: torch.empty(0))
+    row_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.dense.shape[0])
+
+    def seq_feature(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(values, lengths) of one jagged feature in `sequence`."""
+        jt = self.sequence[name]
+        return jt.values(), jt.lengths()
+
+    def _map(self, fn) -> Batch:  # noqa: ANN001 - fn: tensor-like -> tensor-like
+        return replace(
+            self,
+            dense=fn(self.dense),
+            sparse=fn(self.sparse),
+            sequence=fn(self.sequence),
+            side={k: fn(v) for k, v in self.side.items()},
+            labels={k: fn(v) for k, v in self.labels.items()},
+            weights=fn(self.weights),
+            row_index=fn(self.row_index),
+        )
+
+    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
+        return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
+
+    def record_stream(self, stream: torch.Stream) -> None:
+        for t in (self.dense, self.weights, self.row_index, *self.side.values(), *self.labels.values()):
+            t.record_stream(stream)
+        self.sparse.record_stream(stream)
+        self.sequence.record_stream(stream)
+
+    def pin_memory(self) -> Batch:
+        return self._map(lambda t: t.pin_memory())
+
+    def with_zero_weights(self) -> Batch:
+        """A copy that contributes nothing to losses or metrics (lockstep padding)."""
+        return replace(self, weights=torch.zeros_like(self.weights))

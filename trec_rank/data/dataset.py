@@ -1,0 +1,221 @@
+"""A directory of Parquet files read as batches, split exactly once across ranks and workers.
+
+Work is cut by row group. Each epoch orders the row groups (seeded shuffle when asked), lays
+their rows end to end and gives rank r the contiguous range [r*N/W, (r+1)*N/W): every row is
+read once per epoch across all ranks, and ranks differ by at most one row, so they run the same
+number of steps (a requirement of the collectives inside a sharded model). A rank's range is cut
+into windows of S rows (S a multiple of the batch size): window i goes to loader worker i % K,
+rows are shuffled inside a window, and windows come back in order, so the batch stream is the
+same for any number of workers and a resume point is just a batch count.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from trec_rank.config.schema import Schema
+from trec_rank.data.batch import Batch
+from trec_rank.data.convert import DataError, check_arrow_types, expected_columns, to_batch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RowGroup:
+    file: str
+    index: int
+    rows: int
+    base: int  # stable dataset row index of its first row (file order, then row)
+
+
+def list_parquet_files(path: str | Path) -> list[str]:
+    """Parquet files under `path`, sorted; names starting with '_' or '.' (manifests, temp files) skipped."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p)]
+    if not p.is_dir():
+        raise DataError(f"data path not found: {p}")
+    files = sorted(str(f) for f in p.rglob("*.parquet")
+                   if not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
+    if not files:
+        raise DataError(f"{p}: no .parquet files found")
+    return files
+
+
+class ParquetDataset:
+    """Opening validates every file (types always; values too when `validate='full'`)."""
+
+    def __init__(self, path: str | Path, schema: Schema, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 shuffle: bool = False, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 8192,
+                 num_workers: int = 0, with_labels: bool = True, validate: str = "full") -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        assert 0 <= rank < world_size
+        self.schema, self.batch_size, self.rank, self.world_size = schema, batch_size, rank, world_size
+        self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
+        self.with_labels = with_labels
+        self.columns = expected_columns(schema, with_labels)
+        self.window = max(1, math.ceil(shuffle_buffer / batch_size)) * batch_size
+        self.files = list_parquet_files(path)
+        self.scanned = validate == "full"
+        self.row_groups = self._open(self.scanned)
+        self.num_rows = sum(g.rows for g in self.row_groups)
+        if self.num_rows == 0:
+            raise DataError(f"{path}: dataset is empty (all {len(self.files)} file(s) have no rows)")
+
+    def _open(self, scan_values: bool) -> list[RowGroup]:
+        groups, base = [], 0
+        for file in self.files:
+            try:
+                meta = pq.ParquetFile(file).metadata
+                arrow_schema = pq.read_schema(file)
+            except (pa.ArrowException, OSError) as err:
+                raise DataError(f"{file}: not a readable Parquet file ({err})") from None
+            check_arrow_types(self.schema, arrow_schema, file, self.with_labels)
+            if meta.num_rows == 0:
+                log.warning("%s: empty Parquet file, skipped", file)
+                continue
+            for i in range(meta.num_row_groups):
+                rows = meta.row_group(i).num_rows
+                if rows:
+                    groups.append(RowGroup(file, i, rows, base))
+                    base += rows
+        if scan_values:
+            for g in groups:
+                self._convert(self._read(g), np.arange(g.rows) + g.base, f"{g.file} (row group {g.index})")
+        return groups
+
+    # ---- reading ---------------------------------------------------------------------------
+    def _read(self, g: RowGroup) -> pa.Table:
+        try:
+            return pq.ParquetFile(g.file).read_row_group(g.index, columns=self.columns)
+        except (pa.ArrowException, OSError) as err:
+            raise DataError(f"{g.file} (row group {g.index}): cannot be read ({err})") from None
+
+    def _convert(self, table: pa.Table, row_index: np.ndarray, where: str) -> Batch:
+        return to_batch(table, self.schema, row_index, where, self.with_labels)
+
+    # ---- partition -------------------------------------------------------------------------
+    def _order(self, epoch: int) -> list[RowGroup]:
+        if not self.shuffle:
+            return self.row_groups
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.row_groups))
+        return [self.row_groups[i] for i in perm]
+
+    def rank_rows(self, rank: int) -> int:
+        n, w = self.num_rows, self.world_size
+        return (rank + 1) * n // w - rank * n // w
+
+    def num_batches(self, rank: int | None = None) -> int:
+        rows = self.rank_rows(self.rank if rank is None else rank)
+        return rows // self.batch_size if self.drop_last else math.ceil(rows / self.batch_size)
+
+    def max_batches(self) -> int:
+        """Steps every rank runs when padded to lockstep (the longest rank's batch count)."""
+        return max(self.num_batches(r) for r in range(self.world_size))
+
+    def _pieces(self, epoch: int) -> list[tuple[RowGroup, int, int]]:
+        """This rank's (row group, lo, hi) slices for `epoch`, in stream order."""
+        lo_rank = self.rank * self.num_rows // self.world_size
+        hi_rank = lo_rank + self.rank_rows(self.rank)
+        pieces, pos = [], 0
+        for g in self._order(epoch):
+            lo, hi = max(lo_rank - pos, 0), min(hi_rank - pos, g.rows)
+            if lo < hi:
+                pieces.append((g, lo, hi))
+            pos += g.rows
+            if pos >= hi_rank:
+                break
+        return pieces
+
+    def _window(self, pieces: list[tuple[RowGroup, int, int]], starts: list[int], epoch: int,
+                index: int, cache: dict) -> list[Batch]:
+        total = starts[-1]
+        w_lo, w_hi = index * self.window, min((index + 1) * self.window, total)
+        tables, rows = [], []
+        k = bisect.bisect_right(starts, w_lo) - 1
+        while k < len(pieces) and starts[k] < w_hi:
+            g, lo, hi = pieces[k]
+            a = lo + max(w_lo - starts[k], 0)
+            b = lo + min(w_hi - starts[k], hi - lo)
+            if cache.get("key") != (g.file, g.index):
+                cache.update(key=(g.file, g.index), table=self._read(g))
+                if not self.scanned:  # values not checked on open: check this row group, naming it
+                    self._convert(cache["table"], np.arange(g.rows) + g.base, f"{g.file} (row group {g.index})")
+            tables.append(cache["table"].slice(a, b - a))
+            rows.append(np.arange(a, b) + g.base)
+            k += 1
+        table, row_index = pa.concat_tables(tables), np.concatenate(rows)
+        if self.shuffle:
+            perm = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(len(row_index))
+            table, row_index = table.take(perm), row_index[perm]
+        batches = []
+        for s in range(0, len(row_index), self.batch_size):
+            n = min(self.batch_size, len(row_index) - s)
+            if n < self.batch_size and self.drop_last:
+                break
+            where = f"rank {self.rank} epoch {epoch} window {index}"
+            batches.append(self._convert(table.slice(s, n), row_index[s:s + n], where))
+        return batches
+
+    def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+        """This rank's batches for `epoch`, skipping the first `start_batch` (resume) without reading them."""
+        pieces = self._pieces(epoch)
+        starts = [0]
+        for _, lo, hi in pieces:
+            starts.append(starts[-1] + hi - lo)
+        skip_rows = start_batch * self.batch_size
+        first = skip_rows // self.window
+        n_windows = math.ceil(starts[-1] / self.window)
+        windows = list(range(first, n_windows))
+        drop = (skip_rows - first * self.window) // self.batch_size
+        stream = _Windows(self, pieces, starts, epoch, windows)
+        if self.num_workers > 0 and len(windows) > 1:
+            stream = DataLoader(stream, batch_size=None, num_workers=min(self.num_workers, len(windows)),
+                                collate_fn=_identity, multiprocessing_context="fork")
+        for i, window in enumerate(stream):
+            yield from (window[drop:] if i == 0 else window)
+
+    def lockstep(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+        """Batches padded to `max_batches()` with zero-weight copies, so all ranks step together."""
+        n, last = start_batch, None
+        for last in self.batches(epoch, start_batch):
+            n += 1
+            yield last
+        if n < self.max_batches():
+            if last is None:
+                g = self.row_groups[0]
+                last = self._convert(self._read(g).slice(0, 1), np.array([g.base]), g.file)
+            pad = last.with_zero_weights()
+            for _ in range(self.max_batches() - n):
+                yield pad
+
+
+def _identity(x):  # noqa: ANN001, ANN202 - DataLoader collate for pre-built window lists
+    return x
+
+
+class _Windows(IterableDataset):
+    """Windows of one rank's stream; worker w of K builds windows w, w+K, ... (DataLoader keeps order)."""
+
+    def __init__(self, ds: ParquetDataset, pieces, starts, epoch: int, windows: list[int]) -> None:  # noqa: ANN001
+        self.ds, self.pieces, self.starts, self.epoch, self.windows = ds, pieces, starts, epoch, windows
+
+    def __iter__(self) -> Iterator[list[Batch]]:
+        info = get_worker_info()
+        wid, k = (info.id, info.num_workers) if info else (0, 1)
+        cache: dict = {}
+        torch.set_num_threads(1) if info else None
+        for i in range(wid, len(self.windows), k):
+            yield self.ds._window(self.pieces, self.starts, self.epoch, self.windows[i], cache)

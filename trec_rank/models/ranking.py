@@ -1,0 +1,61 @@
+"""The model shape every ranking model shares, and its training wrapper.
+
+`RankingModel.forward(batch)` hands the sharded modules plain attributes of the batch
+(`self.ebc(batch.sparse)`), the contract TrainPipelineSparseDist needs to pipeline their input
+distribution; everything after them lives in one over-arch module, which the pipeline's tracer
+treats as a leaf, so over-arches may use any Python. Over-arches return logits by task and may
+add an auxiliary loss under the key `AUX_LOSS` (DIN's regulariser, the feedback term).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from trec_rank.data.batch import Batch
+
+AUX_LOSS = "_aux_loss"
+
+
+class RankingModel(nn.Module):
+    def __init__(self, ebc: nn.Module | None, ec: nn.Module | None, over: nn.Module) -> None:
+        super().__init__()
+        self.ebc, self.ec, self.over = ebc, ec, over
+
+    def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
+        pooled = self.ebc(batch.sparse) if self.ebc is not None else None
+        jagged = self.ec(batch.sequence) if self.ec is not None else None
+        return self.over(pooled, jagged, batch.dense, batch.side)
+
+
+class TaskLoss(nn.Module):
+    """Sum over tasks of weight_t x weighted-mean BCE; rows with weight 0 (padding) add nothing."""
+
+    def __init__(self, tasks: list[str], loss_weights: dict[str, float]) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.task_weights = {t: float(loss_weights.get(t, 1.0)) for t in tasks}
+
+    def forward(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor],
+                weights: torch.Tensor) -> torch.Tensor:
+        denom = weights.sum().clamp(min=1.0)
+        loss = sum(self.task_weights[t] * (F.binary_cross_entropy_with_logits(
+            logits[t], labels[t], reduction="none") * weights).sum() / denom for t in self.tasks)
+        if AUX_LOSS in logits:
+            loss = loss + logits[AUX_LOSS]
+        return loss
+
+
+class TrainWrapper(nn.Module):
+    """batch -> (loss, (loss.detach(), logits_by_task, labels_by_task)), TorchRec's convention."""
+
+    def __init__(self, model: nn.Module, tasks: list[str], loss_weights: dict[str, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.loss = TaskLoss(tasks, loss_weights)
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, tuple[torch.Tensor, dict, dict]]:
+        logits = self.model(batch)
+        loss = self.loss(logits, batch.labels, batch.weights)
+        return loss, (loss.detach(), logits, batch.labels)

@@ -1,0 +1,1 @@
+"""Distributed side: process groups, planning, sharding. Model code never imports this package."""

@@ -1,0 +1,118 @@
+"""From a model on `meta` to a sharded DistributedModelParallel: optimizer tagging, planner, DMP.
+
+Training and `trec-rank plan` call the same functions, so an offline plan sees exactly the
+sharders, per-table constraints, topology and optimizer state that the trainer will use (the
+optimizer changes the memory plan: Adam keeps ~3x the state of row-wise Adagrad).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torchrec.optim as trec_optim
+from torch import nn
+from torch.distributed.optim import _apply_optimizer_in_backward
+from torchrec import EmbeddingBagCollection, EmbeddingCollection
+from torchrec.distributed.embedding import EmbeddingCollectionSharder
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
+from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
+from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, Topology, TopologyFactory, TrainerConfig
+from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
+
+from trec_rank.config.experiment import ExperimentConfig, OptimConfig
+
+GIB = 1024**3
+# fbgemm's CPU TBE implements only these in-backward optimizers (see shared notes).
+CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+
+
+def sparse_optimizer(cfg: OptimConfig, device_type: str) -> tuple[type, dict]:
+    """The optimizer class and kwargs fused into the embedding backward."""
+    if device_type == "cpu" and cfg.sparse not in CPU_SPARSE_OPTIMIZERS:
+        raise ValueError(f"train.optim.sparse: '{cfg.sparse}' is not supported by fbgemm on CPU "
+                         f"(supported there: {', '.join(CPU_SPARSE_OPTIMIZERS)}); use a GPU or change it")
+    if cfg.sparse == "rowwise_adagrad":
+        return trec_optim.RowWiseAdagrad, {"lr": cfg.sparse_lr, "eps": cfg.eps}
+    if cfg.sparse == "adagrad":
+        return trec_optim.Adagrad, {"lr": cfg.sparse_lr, "eps": cfg.eps}
+    if cfg.sparse == "sgd":
+        return trec_optim.SGD, {"lr": cfg.sparse_lr}
+    return trec_optim.Adam, {"lr": cfg.sparse_lr, "eps": cfg.eps, "weight_decay": cfg.weight_decay}
+
+
+def embedding_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)
+            for p in m.parameters()]
+
+
+def tag_sparse_optimizer(model: nn.Module, cfg: OptimConfig, device_type: str) -> None:
+    """Mark every embedding parameter with its in-backward optimizer (the planner counts its state)."""
+    cls, kwargs = sparse_optimizer(cfg, device_type)
+    _apply_optimizer_in_backward(cls, embedding_parameters(model), kwargs)
+
+
+def sharders() -> list[ModuleSharder]:
+    return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
+
+
+def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterConstraints]:
+    """Per-table planner constraints: config first, then safe defaults for this stack.
+
+    Sequence (EmbeddingCollection) tables avoid data_parallel and the dense kernel on CPU: the
+    fbgemm CPU kernel pools what it must not (torchrec#1255, FBGEMM#4586). Pooling factors tell
+    the planner how many ids a sample brings per feature (max_len for histories).
+    """
+    schema, out = cfg.schema, {}
+    seq_tables = {t.name for t in schema.sequence_tables}
+    for table in schema.tables:
+        feats = [f for f in schema.features if f.table == table.name]
+        if not feats:
+            continue
+        user = cfg.sharding.constraints.get(table.name)
+        types = list(user.sharding_types) if user and user.sharding_types else None
+        kernels = list(user.compute_kernels) if user and user.compute_kernels else None
+        if table.name in seq_tables and device_type == "cpu":
+            types = [t for t in (types or ["table_wise", "row_wise", "column_wise"]) if t != "data_parallel"]
+            kernels = [k for k in (kernels or ["fused"]) if k != "dense"]
+            if not types or not kernels:
+                raise ValueError(f"sharding.constraints.{table.name}: sequence tables cannot use data_parallel "
+                                 "or the dense kernel on CPU (fbgemm bug); allow table_wise/row_wise/column_wise")
+        out[table.name] = ParameterConstraints(
+            sharding_types=types, compute_kernels=kernels,
+            pooling_factors=[float(max(f.max_len, 1)) for f in feats])
+    return out
+
+
+def topology(cfg: ExperimentConfig, world_size: int, local_world_size: int, device_type: str,
+             hbm_gb: float | None = None, ddr_gb: float | None = None) -> Topology:
+    hbm = hbm_gb if hbm_gb is not None else cfg.sharding.hbm_gb
+    ddr = ddr_gb if ddr_gb is not None else cfg.sharding.ddr_gb
+    hardware = HardwareConfig(**({"hbm_cap_bytes": int(hbm * GIB)} if hbm is not None else {}),
+                              **({"ddr_cap_bytes": int(ddr * GIB)} if ddr is not None else {}))
+    return TopologyFactory.create_topology(
+        trainer_config=TrainerConfig(world_size=world_size, local_world_size=local_world_size),
+        hardware_config=hardware, kernel_config=KernelConfig(compute_device=device_type))
+
+
+def planner(cfg: ExperimentConfig, topo: Topology, device_type: str, batch_size: int | None = None,
+            stats: list | None = None) -> EmbeddingShardingPlanner:
+    return EmbeddingShardingPlanner(
+        topology=topo, batch_size=batch_size or cfg.data.batch_size, constraints=constraints(cfg, device_type),
+        storage_reservation=HeuristicalStorageReservation(percentage=0.15),
+        **({"stats": stats} if stats is not None else {}))
+
+
+def shard(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
+          plan: ShardingPlan | None = None) -> DistributedModelParallel:
+    """Plan collectively (rank 0 plans, all receive) unless a plan is given, then wrap in DMP."""
+    world = dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    if plan is None:
+        topo = topology(cfg, world, local_world, device.type)
+        plan = planner(cfg, topo, device.type).collective_plan(model, sharders(), dist.GroupMember.WORLD)
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(),
+                                    env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))

@@ -1,0 +1,1 @@
+"""The training system shared by every model: loop, evaluation, metrics, checkpoints."""

@@ -1,0 +1,96 @@
+"""Crash-safe distributed checkpoints with torch.distributed.checkpoint (DCP).
+
+Layout: RUN_DIR/checkpoints/step-00000100/ holding DCP's per-rank shards, `.metadata`,
+`trainer_state.json` (step, epoch, data position, config fingerprint) and `rng/rank-N.pt`.
+Every rank writes into `step-N.tmp`; only after all ranks are done does rank 0 rename it, so a
+directory without `.tmp` is always complete, and a crash mid-save leaves the previous one as the
+latest. Loading goes through DCP, so a checkpoint reshards onto any plan or world size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+
+log = logging.getLogger(__name__)
+STATE_FILE = "trainer_state.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root`, oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name))
+             and (p / STATE_FILE).is_file() and (p / ".metadata").is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint dir, or a run dir / checkpoints dir whose latest complete checkpoint is used."""
+    p = Path(path)
+    if (p / STATE_FILE).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    raise ValueError(f"--checkpoint: no complete checkpoint at {p}")
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
+         keep: int) -> Path:
+    root = Path(root)
+    final, tmp = root / f"step-{step:08d}", root / f"step-{step:08d}.tmp"
+    rank = dist.get_rank()
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()},
+             storage_writer=dcp.FileSystemWriter(str(tmp), overwrite=True))
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank-{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in complete_checkpoints(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s saved", final)
+    dist.barrier()
+    return final
+
+
+def load(ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
+    """Load in place under any plan/world size; returns the trainer state."""
+    state = {"model": model.state_dict()}
+    if optimizer is not None:
+        state["optim"] = optimizer.state_dict()
+    # allow_partial_load: a table that moved between data_parallel and a fused kernel changes which
+    # optimizer owns its state; its weights still load, its optimizer state restarts.
+    dcp.load(state, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
+    model.load_state_dict(state["model"])
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optim"])
+    rng = ckpt / "rng" / f"rank-{dist.get_rank()}.pt"
+    if rng.is_file():
+        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+    return read_state(ckpt)

@@ -1,0 +1,108 @@
+"""Evaluation metrics per task, aggregated across ranks.
+
+AUC, NE, calibration and CTR come from `torchrec.metrics` (RecMetricModule, synchronised over the
+process group). GAUC and logloss are computed exactly here: torchrec's GAUC needs each group's
+rows contiguous inside one batch, which a loader that cuts by row group cannot promise, so rows
+(group, prediction, label, weight) are gathered and each group's AUC is computed once.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torchrec.metrics.metric_module import RecMetricModule, generate_metric_module
+from torchrec.metrics.metrics_config import MetricsConfig, RecMetricDef, RecMetricEnum, RecTaskInfo
+
+TORCHREC_METRICS = {"auc": (RecMetricEnum.AUC, "window_auc"), "ne": (RecMetricEnum.NE, "lifetime_ne"),
+                    "calibration": (RecMetricEnum.CALIBRATION, "lifetime_calibration"),
+                    "ctr": (RecMetricEnum.CTR, "lifetime_ctr")}
+
+
+def grouped_auc(groups: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Exact per-group ROC AUC (ties get average ranks), vectorised over groups.
+
+    Returns (auc per group that has both classes, that group's row count)."""
+    order = np.lexsort((scores, groups))
+    g, s, y = groups[order], scores[order], labels[order] > 0.5
+    n = len(g)
+    g_start = np.r_[0, np.flatnonzero(g[1:] != g[:-1]) + 1]
+    pos_in_group = np.arange(n) - np.repeat(g_start, np.diff(np.r_[g_start, n])) + 1.0
+    run_start = np.r_[0, np.flatnonzero((g[1:] != g[:-1]) | (s[1:] != s[:-1])) + 1]
+    run_len = np.diff(np.r_[run_start, n])
+    ranks = np.repeat(np.add.reduceat(pos_in_group, run_start) / run_len, run_len)
+    n_pos = np.add.reduceat(y.astype(np.float64), g_start)
+    n_all = np.diff(np.r_[g_start, n]).astype(np.float64)
+    n_neg = n_all - n_pos
+    rank_sum = np.add.reduceat(np.where(y, ranks, 0.0), g_start)
+    valid = (n_pos > 0) & (n_neg > 0)
+    auc = (rank_sum[valid] - n_pos[valid] * (n_pos[valid] + 1) / 2) / (n_pos[valid] * n_neg[valid])
+    return auc, n_all[valid]
+
+
+def gauc(groups: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> float:
+    """Impression-weighted mean of per-group AUC over groups with both classes (DIN, KDD'18)."""
+    auc, weight = grouped_auc(groups, scores, labels)
+    return float((auc * weight).sum() / weight.sum()) if weight.sum() > 0 else float("nan")
+
+
+class EvalMetrics:
+    """Accumulate one eval pass; `compute()` is collective (call it on every rank)."""
+
+    def __init__(self, tasks: list[str], batch_size: int, world_size: int, rank: int, device: torch.device,
+                 window_rows: int) -> None:
+        self.tasks, self.device = tasks, device
+        cfg = MetricsConfig(
+            rec_tasks=[RecTaskInfo(name=t, label_name=f"{t}-label", prediction_name=f"{t}-pred",
+                                   weight_name=f"{t}-weight") for t in tasks],
+            rec_metrics={enum: RecMetricDef(rec_task_indices=list(range(len(tasks))),
+                                            window_size=max(window_rows, batch_size))
+                         for enum, _ in TORCHREC_METRICS.values()})
+        self.module: RecMetricModule = generate_metric_module(
+            RecMetricModule, cfg, batch_size=batch_size, world_size=world_size, my_rank=rank,
+            state_metrics_mapping={}, device=device)
+        self.rows: dict[str, list[np.ndarray]] = {"group": []}
+        for t in tasks:
+            self.rows[f"{t}-pred"], self.rows[f"{t}-label"] = [], []
+        self.logloss = {t: torch.zeros(2, dtype=torch.float64) for t in tasks}
+
+    def update(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], weights: torch.Tensor,
+               groups: torch.Tensor | None) -> None:
+        out = {}
+        for t in self.tasks:
+            pred = torch.sigmoid(logits[t].detach().float())
+            out.update({f"{t}-pred": pred, f"{t}-label": labels[t].float(), f"{t}-weight": weights.float()})
+            bce = F.binary_cross_entropy_with_logits(logits[t].detach().float(), labels[t].float(), reduction="none")
+            self.logloss[t] += torch.stack([(bce * weights).sum(), weights.sum()]).double().cpu()
+            keep = (weights > 0).cpu().numpy()
+            self.rows[f"{t}-pred"].append(pred.cpu().numpy()[keep])
+            self.rows[f"{t}-label"].append(labels[t].float().cpu().numpy()[keep])
+        if groups is not None:
+            self.rows["group"].append(groups.cpu().numpy()[keep])
+        self.module.update({k: v.to(self.device) for k, v in out.items()})
+
+    def _gathered(self, key: str) -> np.ndarray:
+        local = np.concatenate(self.rows[key]) if self.rows[key] else np.zeros(0)
+        if not dist.is_initialized() or dist.get_world_size() == 1:
+            return local
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, local)
+        return np.concatenate(parts)
+
+    def compute(self) -> dict[str, float]:
+        raw = self.module.compute()
+        result: dict[str, float] = {}
+        have_groups = bool(self.rows["group"])
+        groups = self._gathered("group") if have_groups else None
+        for t in self.tasks:
+            for name, (enum, suffix) in TORCHREC_METRICS.items():
+                key = f"{enum.value}-{t}|{suffix}"
+                result[f"{t}/{name}"] = float(raw[key]) if key in raw else float("nan")
+            ll = self.logloss[t].clone()
+            if dist.is_initialized() and dist.get_world_size() > 1:
+                dist.all_reduce(ll)
+            result[f"{t}/logloss"] = float(ll[0] / ll[1].clamp(min=1e-12))
+            if groups is not None:
+                result[f"{t}/gauc"] = gauc(groups, self._gathered(f"{t}-pred"), self._gathered(f"{t}-label"))
+        return result
