@@ -28,7 +28,7 @@ class DataConfig:
     validate: Literal["full", "schema"] = "full"  # full: scan every value on open; schema: types only
     train_split: str = "train"
     eval_splits: list[str] = field(default_factory=lambda: ["valid", "test"])
-    group_by: str = "user_id"  # single-id sparse feature whose groups GAUC averages over ("": no GAUC)
+    group_by: str = ""  # single-id sparse feature whose groups GAUC averages over, e.g. user_id ("": no GAUC)
 
     def post_load(self, key: str) -> None:
         for name in ("batch_size", "eval_batch_size", "shuffle_buffer"):

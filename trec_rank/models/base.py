@@ -14,7 +14,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.models.embeddings import pool, pooled_dim
+from trec_rank.models.embeddings import pool, pooled_dim, pooled_values
 from trec_rank.models.layers import MLP
 
 
@@ -31,6 +31,7 @@ class BaseOverArch(nn.Module):
     def __init__(self, cfg: ExperimentConfig, params: BaseParams, device: torch.device) -> None:
         super().__init__()
         schema = cfg.schema
+        self.pooled_names = [f.name for f in schema.pooled_features]
         self.ec_features = [(f.name, f.pooling if f.kind == "sparse" else params.history_pooling)
                             for f in schema.sequence_features]
         width = pooled_dim(schema) + len(schema.dense)
@@ -40,7 +41,7 @@ class BaseOverArch(nn.Module):
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 dense: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        parts = [] if pooled is None else [pooled.values()]
+        parts = [] if pooled is None else [pooled_values(pooled, self.pooled_names)]
         if jagged is not None:
             parts += [pool(jagged[name], mode) for name, mode in self.ec_features]
         parts.append(dense)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConfig, PoolingType
-from torchrec.sparse.jagged_tensor import JaggedTensor
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from trec_rank.config.schema import Schema
 
@@ -36,6 +36,15 @@ def build_ec(schema: Schema, device: torch.device) -> EmbeddingCollection | None
 def pooled_dim(schema: Schema) -> int:
     """Width of the EBC output (KeyedTensor.values(): [B, sum of pooled feature dims])."""
     return sum(schema.table(f.table).embedding_dim for f in schema.pooled_features)
+
+
+def pooled_values(kt: KeyedTensor, names: list[str]) -> torch.Tensor:
+    """EBC output as [B, sum D] in the schema's feature order.
+
+    Never use `kt.values()` directly: a sharded EBC orders its output keys by sharding type, so the
+    column order would change with the plan and a checkpoint would not transfer to another one."""
+    parts = kt.to_dict()
+    return torch.cat([parts[n] for n in names], dim=1)
 
 
 def segment_ids(lengths: torch.Tensor) -> torch.Tensor:

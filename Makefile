@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   bootstrap .venv, prepare MovieLens-100K, train on 2 local ranks (TorchX), score the test split
+#   make test   bootstrap .venv and run the whole test suite
+# TREC_RANK_VARIANT=cuda selects the CUDA fbgemm-gpu build (default: cpu).
+
+VENV := .venv
+BIN := $(VENV)/bin
+DATA := data/ml-100k
+RUN := runs/demo
+export PATH := $(CURDIR)/$(BIN):$(PATH)
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: bootstrap demo test lint clean
+
+bootstrap:
+	@bash scripts/bootstrap.sh
+
+$(DATA)/_manifest.json: | bootstrap
+	$(BIN)/trec-rank data ml-100k --out $(DATA)
+
+demo: bootstrap $(DATA)/_manifest.json
+	rm -rf $(RUN)
+	$(BIN)/torchx run -s local_cwd launch/components.py:train --config configs/ml100k_base.yaml \
+		--run_dir $(RUN) --nproc_per_node 2 --resume False
+	@echo "== metrics ($(RUN)/metrics.json)"; cat $(RUN)/metrics.json
+
+test: bootstrap
+	$(BIN)/python -m pytest tests -q -p no:warnings --durations=15
+
+lint: bootstrap
+	$(BIN)/ruff check trec_rank tests launch benchmarks
+
+clean:
+	rm -rf runs torchx_logs

@@ -1,0 +1,25 @@
+"""Run the real CLI in subprocesses: one process, or N ranks under torchrun (gloo on CPU)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, nproc: int = 1, timeout: int = 600, env: dict | None = None,
+            check: bool = True) -> subprocess.CompletedProcess:
+    """`trec-rank ARGS` in a fresh interpreter; with nproc > 1 under torchrun --standalone."""
+    cmd = [sys.executable, "-m", "trec_rank.cli", *args]
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "trec_rank.cli", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}"
+                             f"\n--- stderr\n{proc.stderr[-8000:]}")
+    return proc
