@@ -109,7 +109,7 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
     """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config mapping."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.lr=0.01")
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
         key, raw = item.split("=", 1)
         node = data
         parts = key.strip().split(".")

