@@ -11,12 +11,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(*args: str, nproc: int = 1, timeout: int = 600, env: dict | None = None,
-            check: bool = True) -> subprocess.CompletedProcess:
-    """`trec-rank ARGS` in a fresh interpreter; with nproc > 1 under torchrun --standalone."""
+            check: bool = True, max_restarts: int = 0) -> subprocess.CompletedProcess:
+    """`trec-rank ARGS` in a fresh interpreter; with nproc > 1 (or restarts) under torchrun --standalone."""
     cmd = [sys.executable, "-m", "trec_rank.cli", *args]
-    if nproc > 1:
+    if nproc > 1 or max_restarts:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trec_rank.cli", *args]
+               f"--max-restarts={max_restarts}", "-m", "trec_rank.cli", *args]
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
     proc = subprocess.run(cmd, cwd=ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:

@@ -165,6 +165,7 @@ def set_(key, value, typ=None):  # noqa: ANN001, ANN202
     (set_("item_id", lambda r: [100] + list(r["item_id"][1:])), "id 100 outside [0, 100) of table 'item'"),
     (set_("hist_ts", lambda r: [[1, 2, 3, 4, 5, 6, 7]] + r["hist_ts"][1:]), "side column 'hist_ts' does not align"),
     (set_("x", lambda r: [None] + list(r["x"][1:]), pa.float32()), "column 'x' has 1 null value(s)"),
+    (set_("x", lambda r: [float("inf")] + list(r["x"][1:]), pa.float32()), "column 'x' has 1 non-finite value(s)"),
 ])
 @pytest.mark.parametrize("validate", ["full", "schema"])
 def test_bad_input_names_file_and_column(tmp_path, schema, mutate, message, validate) -> None:  # noqa: ANN001

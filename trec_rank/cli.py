@@ -139,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     # fbgemm and torchrec log every table at INFO on the root logger: keep ours at INFO only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trec_rank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    from trec_rank.train.loop import NonFiniteLoss
+
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and DataError are ValueErrors
@@ -146,6 +148,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except NonFiniteLoss as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 3
     return 0
 
 

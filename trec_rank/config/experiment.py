@@ -72,7 +72,8 @@ class TrainConfig:
     log_every: int = 50
     seed: int = 0
     loss_weights: dict[str, float] = field(default_factory=dict)
-    nan_policy: Literal["stop", "skip"] = "stop"
+    nan_policy: Literal["stop", "skip"] = "stop"  # skip: drop the batch on every rank (plain loop, no pipeline)
+    log_rows: bool = False  # write RUN_DIR/rows/rank-N.jsonl: the dataset rows of every step (exactly-once audits)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def post_load(self, key: str) -> None:

@@ -124,7 +124,12 @@ def _numeric(table: pa.Table, col: str, where: str) -> np.ndarray:
     arr = table.column(col).combine_chunks()
     if arr.null_count:
         raise DataError(f"{where}: column '{col}' has {arr.null_count} null value(s)")
-    return arr.to_numpy(zero_copy_only=False, writable=True).astype(np.float32, copy=False)
+    values = arr.to_numpy(zero_copy_only=False, writable=True).astype(np.float32, copy=False)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        raise DataError(f"{where}: column '{col}' has {int(bad.sum())} non-finite value(s) (NaN/inf), "
+                        f"first at row {int(np.argmax(bad))}")
+    return values
 
 
 def to_batch(table: pa.Table, schema: Schema, row_index: np.ndarray, where: str,

@@ -44,6 +44,18 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _attempt_store(rank: int, world: int, timeout_s: int) -> dist.Store:
+    """torchrun's store, namespaced by restart attempt.
+
+    After an elastic restart the store still holds the previous attempt's gloo addresses (seen
+    with torch 2.13: the new rank 0 dials the dead rank 1 and gives up); a per-attempt prefix
+    makes every attempt rendezvous from scratch."""
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=not agent_store and rank == 0, timeout=timedelta(seconds=timeout_s))
+    return dist.PrefixStore(f"trec_rank/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+
+
 def init_distributed(preference: str = "auto", timeout_s: int = 1800) -> DistEnv:
     """Join torchrun's group (or make a single-rank one); NCCL on CUDA, gloo on CPU."""
     rank = int(os.environ.get("RANK", 0))
@@ -53,7 +65,10 @@ def init_distributed(preference: str = "auto", timeout_s: int = 1800) -> DistEnv
     device = pick_device(preference, local_rank)
     if not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
-        if "MASTER_ADDR" in os.environ:
+        if "TORCHELASTIC_RESTART_COUNT" in os.environ:
+            dist.init_process_group(backend, store=_attempt_store(rank, world, timeout_s), rank=rank,
+                                    world_size=world, timeout=timedelta(seconds=timeout_s))
+        elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
         else:
             dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,

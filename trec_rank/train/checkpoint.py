@@ -22,6 +22,8 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 
+from trec_rank.train import faults
+
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -67,6 +69,7 @@ def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, st
              storage_writer=dcp.FileSystemWriter(str(tmp), overwrite=True))
     (tmp / "rng").mkdir(exist_ok=True)
     torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank-{rank}.pt")
+    faults.kill_if("save", step, rank)
     dist.barrier()
     if rank == 0:
         (tmp / STATE_FILE).write_text(json.dumps(state, indent=1, sort_keys=True))

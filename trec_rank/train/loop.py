@@ -26,7 +26,7 @@ from trec_rank.config.typed import to_dict
 from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.parallel.env import DistEnv
-from trec_rank.train import checkpoint
+from trec_rank.train import checkpoint, faults
 from trec_rank.train.build import build_optimizer, build_train_model, group_ids, open_split, schema_fingerprint
 from trec_rank.train.metrics import EvalMetrics
 
@@ -58,17 +58,22 @@ def _all_true(flag: bool, device: torch.device) -> bool:
 
 
 class _Feed:
-    """Iterator over training batches that remembers which rows are in flight (for NaN reports)."""
+    """Training batches, remembering the rows of each batch in flight (NaN reports, row logs).
 
-    def __init__(self, it: Iterator[Batch]) -> None:
-        self.it, self.in_flight = it, deque()
+    `first_step` is the step the first batch will be; fault injection poisons by step."""
+
+    def __init__(self, it: Iterator[Batch], first_step: int, rank: int) -> None:
+        self.it, self.in_flight, self.step, self.rank = it, deque(), first_step, rank
 
     def __iter__(self) -> _Feed:
         return self
 
     def __next__(self) -> Batch:
         batch = next(self.it)
-        self.in_flight.append((int(batch.row_index.min()), int(batch.row_index.max())) if batch.batch_size else None)
+        if faults.poison_if(self.step, self.rank):
+            batch.dense = torch.full_like(batch.dense, float("nan"))
+        self.step += 1
+        self.in_flight.append(batch.row_index[batch.weights > 0])
         return batch
 
 
@@ -81,6 +86,10 @@ class Trainer:
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
         self.step, self.epoch, self.batch_in_epoch, self.saved_step = 0, 0, 0, -1
         self.pipeline: TrainPipelineSparseDist | None = None
+        self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
+        if cfg.train.log_rows:
+            (self.run_dir / "rows").mkdir(parents=True, exist_ok=True)
+            self.row_log = open(self.run_dir / "rows" / f"rank-{env.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if env.is_main else None
         if env.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -141,8 +150,9 @@ class Trainer:
             batch = batch.to(self.env.device, non_blocking=True)
             loss, _ = self.model(batch)
             if self.cfg.train.nan_policy == "skip" and not _all_true(bool(torch.isfinite(loss)), self.env.device):
-                log.warning("step %d: non-finite loss, batch skipped (rows %s)", self.step, feed.in_flight[-1])
+                log.warning("step %d: non-finite loss, batch skipped", self.step + 1)
                 feed.in_flight.popleft()  # every rank skips together: the flag was all-reduced
+                self.batch_in_epoch += 1  # the batch is consumed: a resume must not see it again
                 continue
             if not torch.isfinite(loss):
                 yield loss.detach()  # fit() stops on it before any update is applied
@@ -161,7 +171,7 @@ class Trainer:
         results: dict[str, dict[str, float]] = {}
         self.model.train()
         while self.epoch < tc.epochs and self.step < total:
-            feed = _Feed(self.train_ds.lockstep(self.epoch, self.batch_in_epoch))
+            feed = _Feed(self.train_ds.lockstep(self.epoch, self.batch_in_epoch), self.step + 1, self.env.rank)
             t0, n0 = time.perf_counter(), self.step
             for loss in self._steps(feed):
                 rows = feed.in_flight.popleft()
@@ -169,9 +179,13 @@ class Trainer:
                 self.batch_in_epoch += 1
                 value = float(loss)
                 if not _all_true(math.isfinite(value), self.env.device):
+                    span = f"{int(rows.min())}..{int(rows.max())}" if rows.numel() else "padding"
                     raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                        f"{self.batch_in_epoch}, dataset rows {rows}); last good checkpoint kept "
-                                        f"in {self.run_dir / 'checkpoints'}")
+                                        f"{self.batch_in_epoch}, dataset rows {span} on rank {self.env.rank}); "
+                                        f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+                if self.row_log is not None:
+                    self.row_log.write(json.dumps({"step": self.step, "rows": rows.tolist()}) + "\n")
+                faults.kill_if("kill", self.step, self.env.rank)
                 if main and self.step % tc.log_every == 0:
                     rate = (self.step - n0) * rows_per_step / max(time.perf_counter() - t0, 1e-9)
                     bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:,.0f}")
