@@ -52,6 +52,8 @@ def _train(args: argparse.Namespace) -> None:
 
             plan = load_plan(args.plan, cfg, env.world_size, env.local_world_size, env.device.type)
         trainer = Trainer(cfg, env, args.run_dir, plan)
+        if args.init_from:
+            trainer.init_from(checkpoint.resolve(args.init_from))
         if args.resume:
             found = checkpoint.complete_checkpoints(Path(args.run_dir) / "checkpoints")
             if found:
@@ -118,8 +120,11 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a model (one process, or one per rank under torchrun/TorchX)")
     t.add_argument("config", help="experiment YAML (see configs/)")
-    t.add_argument("--run-dir", required=True, help="where checkpoints, TensorBoard logs and metrics.json go")
+    t.add_argument("--run-dir", "--out", dest="run_dir", required=True,
+                   help="RUN_DIR: where checkpoints, TensorBoard logs, metrics.json and throughput.json go")
     t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    t.add_argument("--init-from", metavar="CKPT", help="start from these weights (checkpoint or run dir), "
+                   "with fresh optimizer state and step 0; --resume wins when RUN_DIR has a checkpoint")
     t.add_argument("--plan", help="sharding plan JSON from `trec-rank plan --out` (default: plan collectively)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     t.set_defaults(func=_train)

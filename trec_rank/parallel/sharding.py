@@ -60,11 +60,13 @@ def sharders() -> list[ModuleSharder]:
 
 
 def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterConstraints]:
-    """Per-table planner constraints: config first, then safe defaults for this stack.
+    """Per-table planner constraints: config first, then the defaults that keep training well defined.
 
-    Sequence (EmbeddingCollection) tables avoid data_parallel and the dense kernel on CPU: the
-    fbgemm CPU kernel pools what it must not (torchrec#1255, FBGEMM#4586). Pooling factors tell
-    the planner how many ids a sample brings per feature (max_len for histories).
+    data_parallel only where the config allows it: a DP table is trained by the dense optimizer
+    (Adam) instead of the fused sparse one, so letting the planner pick DP would change the
+    optimizer with the world size. Sequence (EmbeddingCollection) tables never use DP or the dense
+    kernel on CPU: the fbgemm CPU kernel pools what it must not (torchrec#1255, FBGEMM#4586).
+    Pooling factors tell the planner how many ids a sample brings per feature (max_len for histories).
     """
     schema, out = cfg.schema, {}
     seq_tables = {t.name for t in schema.sequence_tables}
@@ -75,8 +77,12 @@ def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterC
         user = cfg.sharding.constraints.get(table.name)
         types = list(user.sharding_types) if user and user.sharding_types else None
         kernels = list(user.compute_kernels) if user and user.compute_kernels else None
+        if types is None:
+            types = ["table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]
+            if table.name in seq_tables:  # the EC sharder offers no table_row_wise / table_column_wise
+                types = types[:3]
         if table.name in seq_tables and device_type == "cpu":
-            types = [t for t in (types or ["table_wise", "row_wise", "column_wise"]) if t != "data_parallel"]
+            types = [t for t in types if t != "data_parallel"]
             kernels = [k for k in (kernels or ["fused"]) if k != "dense"]
             if not types or not kernels:
                 raise ValueError(f"sharding.constraints.{table.name}: sequence tables cannot use data_parallel "

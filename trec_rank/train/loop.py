@@ -104,11 +104,21 @@ class Trainer:
         return checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
                                self.cfg.train.keep_checkpoints)
 
-    def resume(self, ckpt: Path) -> None:
+    def _check(self, ckpt: Path) -> dict:
         state = checkpoint.read_state(ckpt)
         if state["fingerprint"] != schema_fingerprint(self.cfg):
             raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model "
                              f"(fingerprint {state['fingerprint']} != {schema_fingerprint(self.cfg)})")
+        return state
+
+    def init_from(self, ckpt: Path) -> None:
+        """Warm start: the checkpoint's weights, fresh optimizer state, step 0 (fine-tuning, A/B inits)."""
+        self._check(ckpt)
+        checkpoint.load(ckpt, self.model, None)
+        log.info("initialised weights from %s", ckpt)
+
+    def resume(self, ckpt: Path) -> None:
+        state = self._check(ckpt)
         if state["world_size"] != self.env.world_size and state["batch_in_epoch"]:
             log.warning("resuming mid-epoch on %d ranks from a %d-rank run: the rest of the epoch is re-cut",
                         self.env.world_size, state["world_size"])
@@ -169,10 +179,12 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         rows_per_step = self.train_ds.batch_size * self.env.world_size
         results: dict[str, dict[str, float]] = {}
+        first_step, train_s = self.step, 0.0
         self.model.train()
         while self.epoch < tc.epochs and self.step < total:
             feed = _Feed(self.train_ds.lockstep(self.epoch, self.batch_in_epoch), self.step + 1, self.env.rank)
             t0, n0 = time.perf_counter(), self.step
+            t_eval = 0.0  # time spent in evals and saves inside this epoch, not training
             for loss in self._steps(feed):
                 rows = feed.in_flight.popleft()
                 self.step += 1
@@ -184,26 +196,32 @@ class Trainer:
                                         f"{self.batch_in_epoch}, dataset rows {span} on rank {self.env.rank}); "
                                         f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
                 if self.row_log is not None:
-                    self.row_log.write(json.dumps({"step": self.step, "rows": rows.tolist()}) + "\n")
+                    entry = {"step": self.step, "loss": value, "rows": rows.tolist()}
+                    self.row_log.write(json.dumps(entry) + "\n")
                 faults.kill_if("kill", self.step, self.env.rank)
                 if main and self.step % tc.log_every == 0:
-                    rate = (self.step - n0) * rows_per_step / max(time.perf_counter() - t0, 1e-9)
+                    rate = (self.step - n0) * rows_per_step / max(time.perf_counter() - t0 - t_eval, 1e-9)
                     bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:,.0f}")
                     self.writer.add_scalar("train/loss", value, self.step)
                     self.writer.add_scalar("train/samples_per_s", rate, self.step)
                 bar.update(1)
+                t1 = time.perf_counter()
                 if tc.eval_every and self.step % tc.eval_every == 0:
                     results = self.run_eval()
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save()
+                t_eval += time.perf_counter() - t1
                 if self.step >= total:
                     break
             else:
+                train_s += time.perf_counter() - t0 - t_eval
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 if not tc.eval_every:
                     results = self.run_eval()
                 if not tc.checkpoint_every:
                     self.save()
+            if self.step >= total and self.batch_in_epoch:  # stopped mid-epoch by max_steps
+                train_s += time.perf_counter() - t0 - t_eval
         bar.close()
         if not results or (tc.eval_every and self.step % tc.eval_every):
             results = self.run_eval()
@@ -211,5 +229,9 @@ class Trainer:
             self.save()
         if main:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+            steps = self.step - first_step
+            speed = {"steps": steps, "train_seconds": train_s, "world_size": self.env.world_size,
+                     "samples_per_s": steps * rows_per_step / train_s if train_s > 0 else 0.0}
+            (self.run_dir / "throughput.json").write_text(json.dumps(speed, indent=1))
             self.writer.close()
         return results
