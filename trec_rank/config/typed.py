@@ -106,21 +106,30 @@ def to_dict(obj: Any) -> Any:
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
-    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config mapping."""
+    """Apply `a.b.c=value` overrides (value parsed as YAML) to a raw config mapping.
+
+    A numeric part indexes a list: `schema.tables.0.embedding_dim=16`."""
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. train.epochs=3")
         key, raw = item.split("=", 1)
-        node = data
         parts = key.strip().split(".")
-        for i, part in enumerate(parts[:-1]):
-            nxt = node.get(part) if isinstance(node, dict) else None
-            if not isinstance(nxt, dict):
-                if nxt is not None:
-                    raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
-                nxt = node[part] = {}
-            node = nxt
-        node[parts[-1]] = yaml.safe_load(raw)
+        node: typing.Any = data
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"--set {key}: '{where}' is not an index of a list of {len(node)}")
+                part = int(part)
+            elif not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is not a section")
+            if last:
+                node[part] = yaml.safe_load(raw)
+            else:
+                if isinstance(node, dict) and node.get(part) is None:
+                    node[part] = {}
+                node = node[part]
     return data
 
 

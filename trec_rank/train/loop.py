@@ -84,7 +84,7 @@ class Trainer:
         self.optimizer = build_optimizer(self.model, cfg.train.optim)
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
-        self.step, self.epoch, self.batch_in_epoch, self.saved_step = 0, 0, 0, -1
+        self.step, self.epoch, self.batch_in_epoch, self.saved_step, self.eval_step = 0, 0, 0, -1, -1
         self.pipeline: TrainPipelineSparseDist | None = None
         self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
         if cfg.train.log_rows:
@@ -131,6 +131,7 @@ class Trainer:
         if self.pipeline is not None:  # mid-epoch: the pipeline owns the sharded forwards until detached
             self.pipeline.detach()
         results = {split: evaluate(self.model, ds, self.cfg, self.env) for split, ds in self.eval_ds.items()}
+        self.eval_step = self.step
         if self.pipeline is not None:
             self.pipeline.attach(self.model)
         if self.env.is_main:
@@ -211,7 +212,7 @@ class Trainer:
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save()
                 t_eval += time.perf_counter() - t1
-                if self.step >= total:
+                if self.step >= total and self.batch_in_epoch < per_epoch:  # max_steps inside an epoch
                     break
             else:
                 train_s += time.perf_counter() - t0 - t_eval
@@ -223,7 +224,7 @@ class Trainer:
             if self.step >= total and self.batch_in_epoch:  # stopped mid-epoch by max_steps
                 train_s += time.perf_counter() - t0 - t_eval
         bar.close()
-        if not results or (tc.eval_every and self.step % tc.eval_every):
+        if self.eval_step != self.step:
             results = self.run_eval()
         if self.saved_step != self.step:
             self.save()
