@@ -23,7 +23,7 @@ def train(run_dir: Path, data: Path, *sets: str, nproc: int = 1, extra: tuple[st
 @pytest.fixture(scope="module")
 def two_rank_run(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     run = tmp_path_factory.mktemp("run2")
-    return run, train(run, ml100k_dir, "train.max_steps=60", "train.checkpoint_every=30", nproc=2)
+    return run, train(run, ml100k_dir, nproc=2)  # the shipped config: 4 epochs, checkpoint per epoch
 
 
 def test_two_ranks_learn_and_write_metrics(two_rank_run: tuple[Path, dict]) -> None:
@@ -32,13 +32,14 @@ def test_two_ranks_learn_and_write_metrics(two_rank_run: tuple[Path, dict]) -> N
     for split in ("valid", "test"):
         for key in ("like/auc", "like/gauc", "like/logloss", "like/ne", "like/calibration", "like/ctr"):
             assert key in metrics[split]
-        assert metrics[split]["like/auc"] > 0.65
-        assert 0.5 < metrics[split]["like/gauc"] < 0.9
-        assert 0.3 < metrics[split]["like/logloss"] < 0.7
+        assert 0.6 < metrics[split]["like/gauc"] < 0.9
+        assert 0.3 < metrics[split]["like/logloss"] < 0.65
+    assert metrics["test"]["like/auc"] >= 0.78  # measured 0.7846 (peers' base models: about 0.79)
+    assert metrics["valid"]["like/auc"] >= 0.76
     ckpts = sorted(p.name for p in (run / "checkpoints").iterdir())
-    assert ckpts == ["step-00000030", "step-00000060"]  # keep_checkpoints=2, no .tmp left behind
-    state = json.loads((run / "checkpoints" / "step-00000060" / "trainer_state.json").read_text())
-    assert state["step"] == 60 and state["world_size"] == 2
+    assert ckpts == ["step-00000414", "step-00000552"]  # 138 steps/epoch, keep_checkpoints=2, no .tmp left
+    state = json.loads((run / "checkpoints" / "step-00000552" / "trainer_state.json").read_text())
+    assert state["step"] == 552 and state["world_size"] == 2 and state["epoch"] == 4
     assert (run / "tb").is_dir()
 
 
