@@ -37,7 +37,19 @@ def _data(args: argparse.Namespace) -> None:
     print_summary(manifest)
 
 
+def _is_retrieval(config: str) -> bool:
+    """Retrieval (HSTU/SASRec next-item) configs say `kind: retrieval` at the top level."""
+    from trec_rank.config.typed import read_yaml
+
+    return read_yaml(config).get("kind") == "retrieval"
+
+
 def _train(args: argparse.Namespace) -> None:
+    if _is_retrieval(args.config):
+        from trec_rank.retrieval import cli as retrieval
+
+        retrieval.train(args.config, args.set, args.run_dir, args.resume)
+        return
     from trec_rank.config.experiment import load_config
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.train import checkpoint
@@ -69,6 +81,12 @@ def _train(args: argparse.Namespace) -> None:
 
 def _eval(args: argparse.Namespace) -> None:
     import json
+
+    if _is_retrieval(args.config):
+        from trec_rank.retrieval import cli as retrieval
+
+        retrieval.evaluate(args.config, args.set, args.checkpoint, args.run_dir)
+        return
 
     from trec_rank.config.experiment import load_config
     from trec_rank.parallel.env import init_distributed, shutdown
@@ -136,6 +154,12 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--splits", help="comma-separated splits (default: data.eval_splits)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     e.set_defaults(func=_eval)
+
+    from trec_rank.plan.cli import add_subcommand as add_plan
+    from trec_rank.score.cli import add_subcommand as add_score
+
+    add_plan(sub)
+    add_score(sub)
     return p
 
 
