@@ -93,7 +93,7 @@ def _keep_last(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray | None, np
     return idx, new
 
 
-def _apply_policy(ids: np.ndarray, f: FeatureConfig, n: int, where: str) -> np.ndarray:
+def apply_oov_policy(ids: np.ndarray, f: FeatureConfig, n: int, where: str) -> np.ndarray:
     ids = ids.astype(np.int64, copy=False)
     if ids.size == 0:
         return ids
@@ -143,7 +143,7 @@ def to_batch(table: pa.Table, schema: Schema, row_index: np.ndarray, where: str,
             continue
         values, full = _jagged(table.column(f.column).combine_chunks(), where, f.column)
         keep, lengths = _keep_last(full, f.max_len)
-        values = _apply_policy(values if keep is None else values[keep], f, schema.table(f.table).num_embeddings,
+        values = apply_oov_policy(values if keep is None else values[keep], f, schema.table(f.table).num_embeddings,
                                where)
         (sequence if f.name in seq_names else sparse).append((f.name, values, lengths))
         for side_name, col in f.side.items():

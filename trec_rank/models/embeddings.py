@@ -70,22 +70,40 @@ def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int) -> tupl
     return padded, mask
 
 
+def _allocate(module: torch.nn.Module, device: torch.device) -> bool:
+    """Give `module`'s own meta parameters (and buffers, zero-filled) real storage; True if any."""
+    found = False
+    for name, p in list(module._parameters.items()):
+        if p is not None and p.is_meta:
+            module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device=device),
+                                                          requires_grad=p.requires_grad)
+            found = True
+    for name, b in list(module._buffers.items()):
+        if b is not None and b.is_meta:
+            module._buffers[name] = torch.zeros_like(b, device=device)
+    return found
+
+
 def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     """Allocate meta parameters on `device` and initialise them, as DMP does for unsharded modules.
 
     Used where no DMP is involved (single-process scoring, tests): every module that owns a meta
-    parameter gets real storage and its `reset_parameters()` call.
+    parameter gets real storage and its `reset_parameters()` call. Embedding collections are reset
+    as a whole, so their tables get the table config's init rather than nn.Embedding's N(0, 1).
     """
+    collections = [m for m in model.modules() if isinstance(m, EmbeddingBagCollection | EmbeddingCollection)]
+    inside = {id(m) for coll in collections for m in coll.modules()}
+    for coll in collections:
+        if any([_allocate(m, device) for m in coll.modules()]):
+            # coll.reset_parameters() is a no-op for a collection built on meta: apply the configs' init.
+            if isinstance(coll, EmbeddingBagCollection):
+                tables = [(c, coll.embedding_bags[c.name]) for c in coll.embedding_bag_configs()]
+            else:
+                tables = [(c, coll.embeddings[c.name]) for c in coll.embedding_configs()]
+            with torch.no_grad():
+                for config, module in tables:
+                    config.init_fn(module.weight)
     for module in model.modules():
-        has_meta = False
-        for name, p in list(module._parameters.items()):
-            if p is not None and p.is_meta:
-                module._parameters[name] = torch.nn.Parameter(torch.empty_like(p, device=device),
-                                                              requires_grad=p.requires_grad)
-                has_meta = True
-        for name, b in list(module._buffers.items()):
-            if b is not None and b.is_meta:
-                module._buffers[name] = torch.zeros_like(b, device=device)
-        if has_meta and hasattr(module, "reset_parameters"):
+        if id(module) not in inside and _allocate(module, device) and hasattr(module, "reset_parameters"):
             module.reset_parameters()
     return model.to(device)

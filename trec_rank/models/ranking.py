@@ -5,6 +5,10 @@
 distribution; everything after them lives in one over-arch module, which the pipeline's tracer
 treats as a leaf, so over-arches may use any Python. Over-arches return logits by task and may
 add an auxiliary loss under the key `AUX_LOSS` (DIN's regulariser, the feedback term).
+
+Auxiliary terms can need more than embeddings: DIN's mini-batch-aware L2 needs the looked-up ids,
+every aux term needs the row weights (lockstep padding rows add nothing), the naive ESMM baseline
+needs labels. Such over-arches set `needs_batch = True` and also receive `batch=`.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ class RankingModel(nn.Module):
     def __init__(self, ebc: nn.Module | None, ec: nn.Module | None, over: nn.Module) -> None:
         super().__init__()
         self.ebc, self.ec, self.over = ebc, ec, over
+        self.needs_batch = bool(getattr(over, "needs_batch", False))
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         pooled = self.ebc(batch.sparse) if self.ebc is not None else None
         jagged = self.ec(batch.sequence) if self.ec is not None else None
+        if self.needs_batch:
+            return self.over(pooled, jagged, batch.dense, batch.side, batch=batch)
         return self.over(pooled, jagged, batch.dense, batch.side)
 
 

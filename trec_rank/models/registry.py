@@ -19,9 +19,19 @@ class ModelSpec:
 
 
 def _specs() -> dict[str, ModelSpec]:
-    from trec_rank.models import base
+    from trec_rank.models import base, din, esmm, hstu, multitask, towers
 
-    return {"base": ModelSpec(base.BaseParams, base.BaseOverArch)}
+    return {
+        "base": ModelSpec(base.BaseParams, base.BaseOverArch),
+        "din": ModelSpec(din.DinParams, din.DinOverArch),
+        "shared_bottom": ModelSpec(towers.SharedBottomParams, multitask.builder("shared_bottom")),
+        "moe": ModelSpec(towers.MoEParams, multitask.builder("moe")),
+        "mmoe": ModelSpec(towers.MoEParams, multitask.builder("mmoe")),
+        "cgc": ModelSpec(towers.CGCParams, multitask.builder("cgc")),
+        "ple": ModelSpec(towers.PLEParams, multitask.builder("ple")),
+        "esmm": ModelSpec(esmm.EsmmParams, esmm.EsmmOverArch),
+        "hstu": ModelSpec(hstu.HSTUParams, hstu.HSTUOverArch),  # HSTU as a ranking over-arch (hstu.py)
+    }
 
 
 def check_params(name: str, params: dict[str, Any]) -> Any:
@@ -31,11 +41,12 @@ def check_params(name: str, params: dict[str, Any]) -> Any:
     return from_dict(specs[name].params, params, "model.params")
 
 
-def build_model(cfg, device: torch.device = torch.device("meta")) -> nn.Module:  # noqa: ANN001
+def build_model(cfg, device: torch.device | None = None) -> nn.Module:  # noqa: ANN001
     """The serving model (batch -> logits by task), built on `device` (meta: shard with DMP later)."""
     from trec_rank.models.embeddings import build_ebc, build_ec
     from trec_rank.models.ranking import RankingModel
 
+    device = device if device is not None else torch.device("meta")
     params = check_params(cfg.model.name, cfg.model.params)
     over = _specs()[cfg.model.name].over_arch(cfg, params, device)
     return RankingModel(build_ebc(cfg.schema, device), build_ec(cfg.schema, device), over)

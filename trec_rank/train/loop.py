@@ -51,6 +51,21 @@ def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, 
     return metrics.compute()
 
 
+@torch.no_grad()
+def average_buffers(model: torch.nn.Module) -> None:
+    """Average floating-point buffers (Dice / BatchNorm running statistics) over ranks.
+
+    DDP here does not broadcast buffers, so each rank keeps statistics of its own rows; eval and
+    checkpoints must see one model, whatever the world size."""
+    world = dist.get_world_size()
+    if world == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= world
+
+
 def _all_true(flag: bool, device: torch.device) -> bool:
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
@@ -97,6 +112,7 @@ class Trainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
+        average_buffers(self.model)
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "world_size": self.env.world_size, "fingerprint": schema_fingerprint(self.cfg),
                  "tasks": self.cfg.model.tasks, "config": to_dict(self.cfg)}
@@ -128,6 +144,7 @@ class Trainer:
 
     # ---- evaluation -------------------------------------------------------------------------
     def run_eval(self) -> dict[str, dict[str, float]]:
+        average_buffers(self.model)
         if self.pipeline is not None:  # mid-epoch: the pipeline owns the sharded forwards until detached
             self.pipeline.detach()
         results = {split: evaluate(self.model, ds, self.cfg, self.env) for split, ds in self.eval_ds.items()}

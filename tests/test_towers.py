@@ -1,0 +1,123 @@
+"""Multi-task towers: gates are distributions over the right experts; every variant builds and runs."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import ROOT
+from trec_rank.config.experiment import load_config
+from trec_rank.config.typed import ConfigError
+from trec_rank.data.dataset import ParquetDataset
+from trec_rank.models.embeddings import materialize
+from trec_rank.models.registry import build_model, check_params
+from trec_rank.models.towers import CGCParams, MoEParams, PLEParams, SharedBottomParams, build_network
+
+TASKS = ["a", "b", "c"]
+
+
+def _net(kind: str, params) -> torch.nn.Module:  # noqa: ANN001
+    torch.manual_seed(0)
+    return build_network(kind, 6, TASKS, params, lambda width: torch.nn.ReLU(), None)
+
+
+def _gates(kind: str, params) -> tuple[dict, dict]:  # noqa: ANN001
+    return _net(kind, params).forward_gates(torch.randn(5, 6) * 3)
+
+
+def _assert_distributions(gates: dict) -> None:
+    for name, g in gates.items():
+        assert torch.all(g >= 0), name
+        torch.testing.assert_close(g.sum(-1), torch.ones(g.shape[0]), msg=name)
+
+
+def test_moe_has_one_shared_gate_and_identical_task_inputs() -> None:
+    out, gates = _gates("moe", MoEParams(experts=5, expert_hidden=[8]))
+    assert {k: v.shape for k, v in gates.items()} == {"shared": (5, 5)}
+    _assert_distributions(gates)
+    assert torch.equal(out["a"], out["b"]) and out["a"].shape == (5, 8)
+
+
+def test_mmoe_has_one_gate_per_task_over_all_experts() -> None:
+    net = _net("mmoe", MoEParams(experts=4, expert_hidden=[8]))
+    x = torch.randn(5, 6)
+    out, gates = net.forward_gates(x)
+    assert {k: v.shape for k, v in gates.items()} == {t: (5, 4) for t in TASKS}
+    _assert_distributions(gates)
+    assert not torch.equal(out["a"], out["b"])
+    experts = net.experts(x)  # [B, 4, 8]; task output = gate-weighted sum of the expert outputs
+    torch.testing.assert_close(out["c"], (gates["c"].unsqueeze(-1) * experts).sum(1))
+
+
+def test_cgc_task_gates_mix_own_and_shared_experts() -> None:
+    net = _net("cgc", CGCParams(shared_experts=2, task_experts=3, expert_hidden=[8]))
+    x = torch.randn(5, 6)
+    out, gates = net.forward_gates(x)
+    assert {k: v.shape for k, v in gates.items()} == {f"level0/{t}": (5, 3 + 2) for t in TASKS}
+    _assert_distributions(gates)
+    level = net.levels[0]
+    own, shared = level.task_experts["b"](x), level.shared(x)
+    torch.testing.assert_close(out["b"], (gates["level0/b"].unsqueeze(-1) * torch.cat([own, shared], 1)).sum(1))
+
+
+def test_ple_inner_levels_have_a_shared_gate_over_all_experts() -> None:
+    net = _net("ple", PLEParams(shared_experts=2, task_experts=1, levels=3, expert_hidden=[8]))
+    x = torch.randn(5, 6)
+    out, gates = net.forward_gates(x)
+    n_all = 2 + len(TASKS) * 1
+    expected = {f"level{i}/{t}": (5, 1 + 2) for i in range(3) for t in TASKS}
+    expected.update({"level0/shared": (5, n_all), "level1/shared": (5, n_all)})  # not on the last level
+    assert {k: v.shape for k, v in gates.items()} == expected
+    _assert_distributions(gates)
+    # level 1's shared experts read level 0's shared-gate mixture of ALL level-0 experts
+    l0, l1 = net.levels[0], net.levels[1]
+    everything = torch.cat([l0.shared(x), *[l0.task_experts[t](x) for t in TASKS]], dim=1)
+    shared_in = (gates["level0/shared"].unsqueeze(-1) * everything).sum(1)
+    torch.testing.assert_close(l1.shared_gate(shared_in), gates["level1/shared"])
+    assert set(out) == set(TASKS)
+
+
+def test_shared_bottom_gives_every_task_the_same_representation() -> None:
+    out, gates = _gates("shared_bottom", SharedBottomParams(bottom=[16, 8]))
+    assert gates == {} and torch.equal(out["a"], out["c"]) and out["a"].shape == (5, 8)
+
+
+@pytest.fixture(scope="module")
+def adult_batch(adult_dir: Path):  # noqa: ANN201
+    cfg = load_config(ROOT / "configs/adult_ple.yaml", [f"data.path={adult_dir}/adult"])
+    return next(iter(ParquetDataset(cfg.data.split_path("train"), cfg.schema, 16).batches()))
+
+
+@pytest.mark.parametrize("config,name", [("adult_shared_bottom", "shared_bottom"), ("adult_mmoe", "moe"),
+                                         ("adult_mmoe", "mmoe"), ("adult_cgc", "cgc"), ("adult_ple", "ple")])
+def test_every_tower_model_builds_on_meta_and_scores_both_tasks(config: str, name: str, adult_dir: Path,
+                                                                 adult_batch) -> None:  # noqa: ANN001
+    cfg = load_config(ROOT / f"configs/{config}.yaml", [f"data.path={adult_dir}/adult", f"model.name={name}"])
+    model = build_model(cfg)
+    assert all(p.is_meta for p in model.parameters())
+    out = materialize(model, torch.device("cpu"))(adult_batch)
+    assert set(out) == {"income", "never_married"} and out["income"].shape == (16,)
+    assert torch.isfinite(out["never_married"]).all()
+
+
+def test_tower_params_reject_keys_of_other_variants() -> None:
+    with pytest.raises(ConfigError, match="unknown config key 'model.params.levels'"):
+        check_params("mmoe", {"levels": 2})
+    with pytest.raises(ConfigError, match="shared_experts >= 1"):
+        check_params("cgc", {"shared_experts": 0})
+
+
+def test_towers_run_over_the_din_encoder(ml100k_dir: Path) -> None:
+    """Any encoder: an MMoE over DIN attention features (one task here, the gate still sums to one)."""
+    cfg = load_config(ROOT / "configs/ml100k_din.yaml", [f"data.path={ml100k_dir}/ranking"])
+    cfg = copy.deepcopy(cfg)
+    cfg.model.name = "mmoe"
+    cfg.model.params = {"encoder": cfg.model.params["encoder"], "experts": 3, "expert_hidden": [16]}
+    model = materialize(build_model(cfg), torch.device("cpu")).eval()
+    batch = next(iter(ParquetDataset(cfg.data.split_path("valid"), cfg.schema, 8).batches()))
+    out, gates = model.over.forward_gates(model.ebc(batch.sparse), model.ec(batch.sequence), batch.dense, batch)
+    assert out["like"].shape == (8,) and gates["like"].shape == (8, 3)
+    assert len(model.over.encoder.attention) == 1

@@ -1,0 +1,108 @@
+"""DIN's local activation unit: target attention over a jagged behaviour sequence (KDD 2018, eq. 3).
+
+v_U(A) = sum_j a(e_j, v_A) * e_j, where a() is an MLP over an interaction of the query (the target
+item) and each key (one behaviour). The weights are deliberately NOT normalised: the paper relaxes
+sum_j w_j = 1 so that the pooled vector keeps the intensity of the user's interest (a user with many
+relevant behaviours gets a larger vector). Softmax is available as an option for comparison.
+
+The unit runs on the jagged values only ([N] behaviours, not [B, L] padded slots): padding never
+reaches the MLP, never shifts Dice's batch statistics and gets exactly zero weight.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import nn
+
+from trec_rank.config.typed import ConfigError
+from trec_rank.models.dice import Activation, make_activation
+from trec_rank.models.embeddings import segment_ids
+from trec_rank.models.layers import MLP
+
+Interaction = Literal["query", "key", "diff", "prod", "outer"]
+
+
+@dataclass
+class AttentionParams:
+    """hidden/activation: the activation unit's MLP (paper: 80-40, Dice). interaction: the terms
+    concatenated per behaviour; the default is q, k, q - k, q * k. "outer" adds the outer product
+    q k^T of the paper's figure: flattened (D*D features) with outer_dim 0, or reduced to outer_dim
+    bilinear forms q^T W_r k, i.e. the flattened product through a learned projection."""
+
+    hidden: list[int] = field(default_factory=lambda: [80, 40])
+    activation: Activation = "dice"
+    interaction: list[Interaction] = field(default_factory=lambda: ["query", "key", "diff", "prod"])
+    outer_dim: int = 0
+    attention_norm: Literal["none", "softmax"] = "none"
+
+    def post_load(self, key: str) -> None:
+        if not self.interaction:
+            raise ConfigError(f"{key}.interaction: needs at least one term")
+        if len(set(self.interaction)) != len(self.interaction):
+            raise ConfigError(f"{key}.interaction: repeated term in {self.interaction}")
+        if self.outer_dim < 0:
+            raise ConfigError(f"{key}.outer_dim: must be >= 0, got {self.outer_dim}")
+
+
+def interaction_dim(params: AttentionParams, dim: int) -> int:
+    """Width of the activation unit's input for query/key width `dim`."""
+    outer = params.outer_dim if params.outer_dim > 0 else dim * dim
+    return sum(outer if term == "outer" else dim for term in params.interaction)
+
+
+def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
+    """Softmax of jagged scores [N] within each row (segments [N] = row of each score)."""
+    neg_inf = torch.full((num_segments,), float("-inf"), dtype=scores.dtype, device=scores.device)
+    row_max = neg_inf.scatter_reduce(0, segments, scores.detach(), reduce="amax", include_self=True)
+    e = torch.exp(scores - row_max[segments])
+    denom = torch.zeros(num_segments, dtype=scores.dtype, device=scores.device).index_add(0, segments, e)
+    return e / denom[segments]
+
+
+class TargetAttention(nn.Module):
+    """query [B, D] (target item, dense per row) x keys [N, D] (jagged behaviours) -> [B, D]."""
+
+    def __init__(self, dim: int, params: AttentionParams, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.dim, self.params = dim, params
+        self.bilinear = None
+        if "outer" in params.interaction and params.outer_dim > 0:
+            self.bilinear = nn.Bilinear(dim, dim, params.outer_dim, bias=False, device=device)
+        self.mlp = MLP(interaction_dim(params, dim), params.hidden, device=device,
+                       act=make_activation(params.activation, device))
+        self.score = nn.Linear(self.mlp.out_dim, 1, device=device)
+
+    def interaction(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Per-behaviour unit input: q, k [N, D] -> [N, interaction_dim]."""
+        terms = []
+        for term in self.params.interaction:
+            if term == "query":
+                terms.append(q)
+            elif term == "key":
+                terms.append(k)
+            elif term == "diff":
+                terms.append(q - k)
+            elif term == "prod":
+                terms.append(q * k)
+            elif self.bilinear is not None:
+                terms.append(self.bilinear(q, k))
+            else:
+                terms.append((q.unsqueeze(2) * k.unsqueeze(1)).flatten(1))
+        return torch.cat(terms, dim=1)
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Jagged attention weights [N] aligned with `keys` (lengths [B] cut them into rows)."""
+        segments = segment_ids(lengths)
+        scores = self.score(self.mlp(self.interaction(query[segments], keys))).squeeze(-1)
+        if self.params.attention_norm == "softmax":
+            return segment_softmax(scores, segments, lengths.numel())
+        return scores
+
+    def forward(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """sum_j w_j k_j per row; rows without behaviours get zeros."""
+        w = self.weights(query, keys, lengths)
+        out = torch.zeros(lengths.numel(), keys.shape[1], dtype=keys.dtype, device=keys.device)
+        return out.index_add(0, segment_ids(lengths), w.unsqueeze(1) * keys)

@@ -1,0 +1,288 @@
+"""HSTU (Zhai et al. 2024, "Actions Speak Louder than Words") on jagged sequences, plus its ranking over-arch.
+
+One layer, as in the reference research code (notes: /work/shared/notes/hstu-reference.md):
+    u, v, q, k = split(SiLU(LayerNorm(x) W_uvqk))
+    A = SiLU(q k^T + rab_{p,t}) / N * causal        (pointwise aggregated attention, no softmax)
+    y = x + W_o Dropout(u * LayerNorm(A v))
+N is the configured maximum length, not the batch's: attention weights do not depend on how the
+batch was padded. Token-wise work (LayerNorms, projections, gating) runs on the jagged values
+[sum(lengths), D]; only q, k, v go to padded [B, L, ...] (L = the batch's longest row) for the
+L x L attention, and A v comes straight back to jagged, via fbgemm's jagged ops.
+
+Sequences are described by `lengths` [B] and jagged `timestamps` / `query_ts` [N] aligned with the
+values: the relative time bias of query i and key j buckets `query_ts[i] - timestamps[j]`, where
+the reference uses the *next* event's timestamp as the query time (the request time is known at
+retrieval time, generative-recommenders#348).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
+
+from trec_rank.config.typed import ConfigError
+from trec_rank.models.embeddings import pool, pooled_dim
+from trec_rank.models.layers import MLP
+
+TIME_BUCKET_BASE = 0.301  # bucket = floor(ln|dt| / 0.301): the reference's log-bucketing of seconds
+
+
+@dataclass
+class HSTUConfig:
+    """Encoder hyperparameters (defaults: the reference ML-1M HSTU except dqk = dv = 64)."""
+
+    num_blocks: int = 2
+    num_heads: int = 1
+    dqk: int = 64  # per-head query/key width
+    dv: int = 64  # per-head value width
+    input_dropout: float = 0.2  # on item embedding * sqrt(D) + position embedding
+    linear_dropout: float = 0.2  # on u * LayerNorm(A v), before the output projection
+    num_time_buckets: int = 128
+
+    def post_load(self, key: str) -> None:
+        for name in ("num_blocks", "num_heads", "dqk", "dv", "num_time_buckets"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+        for name in ("input_dropout", "linear_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{key}.{name}: must be in [0, 1), got {getattr(self, name)}")
+
+
+def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """Log buckets of time gaps (any shape, int seconds): clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, n)."""
+    return (dt.abs().clamp(min=1).float().log() / TIME_BUCKET_BASE).long().clamp(0, num_buckets)
+
+
+def jagged_positions(offsets: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every jagged value inside its row (0 = oldest): offsets [B+1] -> [total]."""
+    return torch.ops.fbgemm.offsets_range(offsets, total)
+
+
+def pad_ints(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
+    """Jagged integer values [N] -> padded [B, max_len] with zeros after each row's end (no autograd)."""
+    out = values.new_zeros(offsets.numel() - 1, max_len)
+    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff())
+    out[rows, jagged_positions(offsets, values.numel())] = values
+    return out
+
+
+class SequenceInput(nn.Module):
+    """item embedding * sqrt(D) + learned absolute position embedding, then dropout (jagged in and out).
+
+    Shared by HSTU and SASRec (the reference preprocessor of both). Position 0 is each row's oldest item.
+    """
+
+    def __init__(self, dim: int, max_len: int, dropout: float, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.dim = dim
+        self.weight = nn.Parameter(torch.empty(max_len, dim, device=device))
+        self.dropout = nn.Dropout(dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            nn.init.trunc_normal_(self.weight, std=math.sqrt(1.0 / self.dim))
+
+    def forward(self, emb: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """emb [N, D] jagged -> [N, D] jagged."""
+        pos = self.weight[jagged_positions(offsets, emb.shape[0])]
+        return self.dropout(emb * math.sqrt(self.dim) + pos)
+
+
+class RelativeBias(nn.Module):
+    """rab_{p,t}: a learned bias per relative position (j - i) plus one per log-bucketed time gap."""
+
+    def __init__(self, max_len: int, num_buckets: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.max_len, self.num_buckets = max_len, num_buckets
+        self.pos_w = nn.Parameter(torch.empty(2 * max_len - 1, device=device))  # index j - i + max_len - 1
+        self.ts_w = nn.Parameter(torch.empty(num_buckets + 1, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.pos_w.is_meta:
+            nn.init.normal_(self.pos_w, std=0.02)
+            nn.init.normal_(self.ts_w, std=0.02)
+
+    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
+        """buckets [B, L, L] (query i, key j; from `time_buckets`) -> bias [B, L, L]."""
+        length = buckets.shape[-1]
+        assert length <= self.max_len, f"sequence of {length} tokens exceeds max_len {self.max_len}"
+        idx = torch.arange(length, device=buckets.device)
+        return self.pos_w[idx.unsqueeze(0) - idx.unsqueeze(1) + self.max_len - 1] + self.ts_w[buckets]
+
+
+def pointwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor,
+                        causal: torch.Tensor, n: int) -> torch.Tensor:
+    """sum_j SiLU(q_i.k_j + rab_ij) / n * v_j over causal j <= i: no softmax, so the output grows with
+    the number (and strength) of matching keys instead of being a convex mix of values.
+
+    q, k [B, L, H, dqk], v [B, L, H, dv], rab [B, L, L] (shared by heads), causal [L, L] -> [B, L, H, dv].
+    """
+    attn = F.silu(torch.einsum("bihd,bjhd->bhij", q, k) + rab.unsqueeze(1)) * (causal / n)  # [B, H, L, L]
+    return torch.einsum("bhij,bjhd->bihd", attn, v)
+
+
+class HSTULayer(nn.Module):
+    """One HSTU block on jagged x [N, D] (see the module docstring for the equations)."""
+
+    def __init__(self, dim: int, max_len: int, cfg: HSTUConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.heads, self.dqk, self.dv, self.max_len = cfg.num_heads, cfg.dqk, cfg.dv, max_len
+        hv, hqk = cfg.num_heads * cfg.dv, cfg.num_heads * cfg.dqk
+        self.uvqk = nn.Parameter(torch.empty(dim, 2 * hv + 2 * hqk, device=device))
+        self.out_w = nn.Parameter(torch.empty(dim, hv, device=device))
+        self.out_b = nn.Parameter(torch.empty(dim, device=device))
+        self.rab = RelativeBias(max_len, cfg.num_time_buckets, device)
+        self.dropout = nn.Dropout(cfg.linear_dropout)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """The reference init: W_uvqk ~ N(0, 0.02); output projection xavier, bias as nn.Linear's."""
+        if self.uvqk.is_meta:
+            return
+        nn.init.normal_(self.uvqk, std=0.02)
+        nn.init.xavier_uniform_(self.out_w)
+        bound = 1.0 / math.sqrt(self.out_w.shape[1])
+        nn.init.uniform_(self.out_b, -bound, bound)
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, buckets: torch.Tensor,
+                causal: torch.Tensor) -> torch.Tensor:
+        """x [N, D] jagged; offsets [B+1]; time buckets [B, L, L]; causal [L, L] bool -> [N, D] jagged."""
+        b, length = buckets.shape[:2]
+        h, hv = self.heads, self.heads * self.dv
+        uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=1e-6) @ self.uvqk)
+        u, vqk = uvqk.split([hv, uvqk.shape[1] - hv], dim=1)
+        vqk = torch.ops.fbgemm.jagged_to_padded_dense(vqk, [offsets], [length], 0.0)  # [B, L, hv + 2 hqk]
+        v, q, k = vqk.split([hv, h * self.dqk, h * self.dqk], dim=-1)
+        shape = (b, length, h, -1)
+        av = pointwise_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.rab(buckets),
+                                 causal, self.max_len)
+        av = torch.ops.fbgemm.dense_to_jagged(av.reshape(b, length, hv), [offsets], total_L=x.shape[0])[0]
+        y = u * F.layer_norm(av, (hv,), eps=1e-6)
+        return x + F.linear(self.dropout(y), self.out_w, self.out_b)
+
+
+class HSTUEncoder(nn.Module):
+    """Jagged item embeddings -> jagged HSTU outputs (not normalised: retrieval L2-normalises them)."""
+
+    def __init__(self, dim: int, max_len: int, cfg: HSTUConfig, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.num_buckets = cfg.num_time_buckets
+        self.input = SequenceInput(dim, max_len, cfg.input_dropout, device)
+        self.layers = nn.ModuleList(HSTULayer(dim, max_len, cfg, device) for _ in range(cfg.num_blocks))
+
+    def forward(self, emb: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
+                query_ts: torch.Tensor) -> torch.Tensor:
+        """emb [N, D], timestamps/query_ts [N] (jagged, aligned), lengths [B] -> [N, D] jagged."""
+        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
+        length = int(lengths.max()) if lengths.numel() else 0
+        query, keys = pad_ints(query_ts, offsets, length), pad_ints(timestamps, offsets, length)
+        buckets = time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), self.num_buckets)  # [B, L, L]
+        causal = torch.ones(length, length, dtype=torch.bool, device=emb.device).tril()
+        x = self.input(emb, offsets)
+        for layer in self.layers:
+            x = layer(x, offsets, buckets, causal)
+        return x
+
+
+@dataclass
+class HSTUParams:
+    """Ranking over-arch: history tokens (item + action embedding) then the target item token.
+
+    `history` is a sequence feature and `target` a single-id feature on the same table (both in
+    the EmbeddingCollection); `action_side`/`time_side` name side columns of `history` ('' = none).
+    Action ids are side values in [0, num_actions); 0 is reserved for the target (action unknown).
+    """
+
+    encoder: HSTUConfig = field(default_factory=HSTUConfig)
+    history: str = "hist_item_id"
+    target: str = "item_id"
+    action_side: str = "rating"
+    time_side: str = "timestamp"
+    num_actions: int = 6
+    hidden: list[int] = field(default_factory=lambda: [128, 64])
+    dropout: float = 0.0
+    history_pooling: Literal["mean", "sum"] = "mean"  # for the other EmbeddingCollection features
+
+
+class HSTUOverArch(nn.Module):
+    """Target-aware HSTU: [history..., target] -> output at the target (+ pooled features) -> MLP -> heads.
+
+    With one target token at the end, the causal mask is exactly target-aware attention: history
+    tokens never see the target, the target sees the whole history. The target's timestamp is not
+    an input of the ranking schema, so the target token uses the newest history timestamp (the
+    closest known lower bound of the request time); history token i queries with ts[i+1].
+    """
+
+    def __init__(self, cfg, params: HSTUParams, device: torch.device) -> None:  # noqa: ANN001 - ExperimentConfig
+        super().__init__()
+        schema = cfg.schema
+        hist, target = schema.feature(params.history), schema.feature(params.target)
+        if hist.kind != "sequence" or target.kind != "sparse" or target.table != hist.table:
+            raise ConfigError(f"model.params: history '{hist.name}' must be a sequence feature and target "
+                              f"'{target.name}' a sparse feature on the same table ('{hist.table}')")
+        for side in (params.action_side, params.time_side):
+            if side and side not in hist.side:
+                raise ConfigError(f"model.params: '{side}' is not a side column of '{hist.name}' "
+                                  f"({sorted(hist.side)})")
+        if params.num_actions < 1:
+            raise ConfigError(f"model.params.num_actions: must be >= 1, got {params.num_actions}")
+        self.p, dim = params, schema.table(hist.table).embedding_dim
+        self.action = nn.Parameter(torch.empty(params.num_actions, dim, device=device))
+        self.encoder = HSTUEncoder(dim, hist.max_len + 1, params.encoder, device)
+        self.others = [(f.name, f.pooling if f.kind == "sparse" else params.history_pooling)
+                       for f in schema.sequence_features if f.name not in (hist.name, target.name)]
+        width = dim + pooled_dim(schema) + len(schema.dense)
+        width += sum(schema.table(schema.feature(n).table).embedding_dim for n, _ in self.others)
+        self.mlp = MLP(width, params.hidden, dropout=params.dropout, device=device)
+        self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device)
+                                    for t in cfg.model.tasks})
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.action.is_meta:
+            nn.init.normal_(self.action, std=0.02)
+
+    def _tokens(self, jagged: dict[str, JaggedTensor], side: dict[str, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """[history..., target] rows: tokens [N+B, D], lengths [B], ts/query_ts [N+B], target index [B]."""
+        hist, target = jagged[self.p.history], jagged[self.p.target].values()  # [N, D], [B, D]
+        h, lengths = hist.values(), hist.lengths().long()
+        key = f"{self.p.history}/"
+        if self.p.action_side:
+            actions = side[key + self.p.action_side]
+            if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= self.p.num_actions):
+                raise ValueError(f"side '{key + self.p.action_side}': values must be in "
+                                 f"[0, {self.p.num_actions}) (model.params.num_actions), "
+                                 f"got [{int(actions.min())}, {int(actions.max())}]")
+            h = h + self.action[actions.long()]
+        no_time = h.new_zeros(h.shape[0], dtype=torch.long)
+        ts = side[key + self.p.time_side].long() if self.p.time_side else no_time
+        b = lengths.numel()
+        rows = torch.repeat_interleave(torch.arange(b, device=h.device), lengths)
+        hist_idx = torch.arange(h.shape[0], device=h.device) + rows  # each earlier row adds one target slot
+        tgt = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths + 1)[1:] - 1
+        last_ts = torch.where(lengths > 0, F.pad(ts, (1, 0))[tgt - torch.arange(b, device=h.device)], 0)
+        tokens = h.new_zeros(h.shape[0] + b, h.shape[1]).index_put((hist_idx,), h)
+        tokens = tokens.index_put((tgt,), target + self.action[0])
+        all_ts = ts.new_zeros(tokens.shape[0]).index_put((hist_idx,), ts).index_put((tgt,), last_ts)
+        # a history token queries at the next token's time; the target at its own
+        query = torch.cat([all_ts[1:], all_ts[-1:]]).index_put((tgt,), last_ts)
+        return tokens, lengths + 1, all_ts, query, tgt
+
+    def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
+                dense: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        assert jagged is not None, "the HSTU over-arch needs the EmbeddingCollection outputs"
+        tokens, lengths, ts, query, tgt = self._tokens(jagged, side)
+        encoded = self.encoder(tokens, lengths, ts, query)[tgt]  # [B, D] at the target tokens
+        parts = [encoded] + ([] if pooled is None else [pooled.values()])
+        parts += [pool(jagged[name], mode) for name, mode in self.others]
+        h = self.mlp(torch.cat([*parts, dense], dim=1))
+        return {task: head(h).squeeze(-1) for task, head in self.heads.items()}

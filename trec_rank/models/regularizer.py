@@ -1,0 +1,108 @@
+"""DIN's mini-batch-aware L2 regulariser (Zhou et al., KDD 2018, eq. 4).
+
+Full L2 over embedding tables touches every row each step, which is infeasible for sparse inputs
+with hundreds of millions of ids and, with TorchRec's fused in-backward optimizers, impossible from
+the dense side (the table weights are not an autograd leaf the dense loss can see). The paper's
+approximation penalises only the rows used by the mini-batch:
+
+    L2 = lambda * sum_{j unique in batch} ||w_j||^2 / n_j,     n_j = frequency of id j in training data
+
+It is computed here from the looked-up rows (the EmbeddingCollection / EmbeddingBagCollection
+outputs), so its gradient 2 lambda w_j / n_j flows back through the lookup into the fused
+optimizer exactly like the task loss. An id looked up c_j times in the batch contributes
+c_j occurrences each weighted 1/(n_j c_j): the sum over occurrences equals the sum over unique ids.
+
+Pooled (EBC) outputs equal a table row only for bags of exactly one id, so multi-id bags of pooled
+features are skipped; every id of an EmbeddingCollection feature is covered.
+Zero-weight rows (lockstep padding) add nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
+
+from trec_rank.config.schema import Schema
+from trec_rank.config.typed import ConfigError
+from trec_rank.data.batch import Batch
+from trec_rank.models.embeddings import segment_ids
+
+
+@dataclass
+class L2Params:
+    """weight: lambda (0 switches the regulariser off); tables: which tables (empty: every table)."""
+
+    weight: float = 0.0
+    tables: list[str] = field(default_factory=list)
+
+    def post_load(self, key: str) -> None:
+        if self.weight < 0:
+            raise ConfigError(f"{key}.weight: must be >= 0, got {self.weight}")
+
+
+class MiniBatchL2(nn.Module):
+    """(pooled, jagged, batch) -> scalar lambda * sum_j ||w_j||^2 / n_j over the batch's unique ids.
+
+    `counts(tables)` returns table -> int counts [table_rows]; it is called on first use, so
+    building the model (on meta, for planning or scoring) never scans the training data. The
+    inverse frequencies are kept as plain tensors on the device of the first batch, not as
+    buffers: DMP would zero-fill a meta buffer, and they are data, not learned state.
+    """
+
+    def __init__(self, schema: Schema, params: L2Params, counts: Callable[[list[str]], dict[str, np.ndarray]],
+                 key: str = "model.params.encoder.l2") -> None:
+        super().__init__()
+        known = [t.name for t in schema.tables]
+        for i, t in enumerate(params.tables):
+            if t not in known:
+                raise ConfigError(f"{key}.tables[{i}]: unknown table '{t}' (tables: {', '.join(known)})")
+        tables = params.tables or known
+        seq = {f.name for f in schema.sequence_features}
+        self.features = [(f.name, f.table, f.name in seq) for f in schema.features
+                         if f.kind in ("sparse", "sequence") and f.table in tables]
+        self.tables = sorted({t for _, t, _ in self.features})
+        self.weight = params.weight
+        self._counts = counts
+        self._inv_freq: dict[str, torch.Tensor] = {}
+
+    def inverse_frequency(self, table: str, device: torch.device) -> torch.Tensor:
+        """1 / n_j as float32 [table_rows]; ids never seen in training get n_j = 1."""
+        if not self._inv_freq or next(iter(self._inv_freq.values())).device != device:
+            counts = self._counts(self.tables)
+            self._inv_freq = {t: 1.0 / torch.from_numpy(np.maximum(counts[t], 1)).to(device, torch.float32)
+                              for t in self.tables}
+        return self._inv_freq[table]
+
+    def _occurrences(self, name: str, in_sequence: bool, pooled: KeyedTensor | None,
+                     jagged: dict[str, JaggedTensor] | None, batch: Batch
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [M], looked-up rows [M, D]) of one feature, from rows with weight > 0."""
+        if in_sequence:
+            ids, lengths = batch.seq_feature(name)
+            rows = jagged[name].values()
+            keep = batch.weights[segment_ids(lengths)] > 0
+            return ids[keep], rows[keep]
+        kjt = batch.sparse[name]
+        lengths = kjt.lengths()
+        keep = (lengths == 1) & (batch.weights > 0)
+        starts = kjt.offsets()[:-1]
+        return kjt.values()[starts[keep]], pooled[name][keep]
+
+    def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
+                batch: Batch) -> torch.Tensor:
+        by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for name, table, in_sequence in self.features:
+            by_table.setdefault(table, []).append(self._occurrences(name, in_sequence, pooled, jagged, batch))
+        total = batch.dense.new_zeros(())
+        for table, parts in by_table.items():
+            ids = torch.cat([i for i, _ in parts])
+            rows = torch.cat([r for _, r in parts])
+            _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+            w = self.inverse_frequency(table, ids.device)[ids] / counts[inverse].to(rows.dtype)
+            total = total + (w * rows.pow(2).sum(dim=1)).sum()
+        return self.weight * total

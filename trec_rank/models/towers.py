@@ -1,0 +1,207 @@
+"""Multi-task towers over the shared feature encoder: shared-bottom, MoE, MMoE, CGC and PLE.
+
+Each network maps the encoder output x [B, D] to one representation per task [B, H]; a per-task
+tower MLP and a linear head then give the task's logit.
+  shared-bottom: one MLP for all tasks (Caruana 1997).
+  MoE:  n experts mixed by ONE softmax gate shared by all tasks (Jacobs et al. 1991).
+  MMoE: n experts, one softmax gate per task (Ma et al., KDD 2018).
+  CGC:  shared experts + task-specific experts; task k's gate mixes its own and the shared experts
+        (Tang et al., RecSys 2020, "Customized Gate Control").
+  PLE:  stacked CGC levels; every level but the last also has a shared gate over ALL experts whose
+        output is the next level's shared-expert input (Progressive Layered Extraction).
+Gate weights are softmax outputs (each sums to one); `forward_gates` exposes them for inspection.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from trec_rank.config.typed import ConfigError
+from trec_rank.models.dice import Activation
+from trec_rank.models.encoder import EncoderParams
+from trec_rank.models.layers import MLP
+
+Gates = dict[str, torch.Tensor]  # gate name -> [B, experts it mixes]
+
+
+@dataclass
+class TowerParams:
+    """encoder: features (and DIN attention / feedback / L2); tower_hidden: per-task tower MLP."""
+
+    encoder: EncoderParams = field(default_factory=EncoderParams)
+    tower_hidden: list[int] = field(default_factory=lambda: [32])
+    activation: Activation = "relu"
+    dropout: float = 0.0
+
+
+@dataclass
+class SharedBottomParams(TowerParams):
+    bottom: list[int] = field(default_factory=lambda: [128, 64])
+
+
+@dataclass
+class MoEParams(TowerParams):
+    """Also the MMoE params: same experts, MMoE just gives every task its own gate."""
+
+    experts: int = 4
+    expert_hidden: list[int] = field(default_factory=lambda: [64])
+
+    def post_load(self, key: str) -> None:
+        if self.experts < 1 or not self.expert_hidden:
+            raise ConfigError(f"{key}: needs experts >= 1 and a non-empty expert_hidden")
+
+
+@dataclass
+class CGCParams(TowerParams):
+    shared_experts: int = 2
+    task_experts: int = 2
+    expert_hidden: list[int] = field(default_factory=lambda: [64])
+
+    def post_load(self, key: str) -> None:
+        if self.shared_experts < 1 or self.task_experts < 1 or not self.expert_hidden:
+            raise ConfigError(f"{key}: needs shared_experts >= 1, task_experts >= 1 and a non-empty "
+                              "expert_hidden")
+
+
+@dataclass
+class PLEParams(CGCParams):
+    levels: int = 2
+
+    def post_load(self, key: str) -> None:
+        super().post_load(key)
+        if self.levels < 1:
+            raise ConfigError(f"{key}.levels: must be >= 1, got {self.levels}")
+
+
+Act = Callable[[int], nn.Module]
+
+
+class Experts(nn.Module):
+    """n expert MLPs on one input: x [B, D] -> [B, n, H]."""
+
+    def __init__(self, n: int, in_dim: int, hidden: list[int], dropout: float, act: Act,
+                 device: torch.device | None) -> None:
+        super().__init__()
+        self.nets = nn.ModuleList([MLP(in_dim, hidden, dropout, device, act) for _ in range(n)])
+        self.out_dim = self.nets[0].out_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([net(x) for net in self.nets], dim=1)
+
+
+class Gate(nn.Module):
+    """softmax(W x + b): x [B, D] -> weights [B, n] over n experts."""
+
+    def __init__(self, in_dim: int, n: int, device: torch.device | None) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n, device=device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.linear(x), dim=-1)
+
+
+def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """weights [B, n] x experts [B, n, H] -> [B, H]."""
+    return torch.einsum("bn,bnh->bh", weights, experts)
+
+
+class SharedBottom(nn.Module):
+    def __init__(self, in_dim: int, tasks: list[str], p: SharedBottomParams, act: Act,
+                 device: torch.device | None) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.bottom = MLP(in_dim, p.bottom, p.dropout, device, act)
+        self.out_dim = self.bottom.out_dim
+
+    def forward_gates(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Gates]:
+        h = self.bottom(x)
+        return {t: h for t in self.tasks}, {}
+
+
+class MixtureOfExperts(nn.Module):
+    """MoE (per_task=False: one shared gate) or MMoE (per_task=True: one gate per task)."""
+
+    def __init__(self, in_dim: int, tasks: list[str], p: MoEParams, act: Act, device: torch.device | None,
+                 per_task: bool) -> None:
+        super().__init__()
+        self.tasks, self.per_task = tasks, per_task
+        self.experts = Experts(p.experts, in_dim, p.expert_hidden, p.dropout, act, device)
+        names = tasks if per_task else ["shared"]
+        self.gates = nn.ModuleDict({g: Gate(in_dim, p.experts, device) for g in names})
+        self.out_dim = self.experts.out_dim
+
+    def forward_gates(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Gates]:
+        e = self.experts(x)
+        gates = {name: gate(x) for name, gate in self.gates.items()}
+        if self.per_task:
+            return {t: mix(gates[t], e) for t in self.tasks}, gates
+        shared = mix(gates["shared"], e)
+        return {t: shared for t in self.tasks}, gates
+
+
+class CGCLevel(nn.Module):
+    """One extraction level: task inputs {t: [B, D]} + shared input [B, D] -> task outputs (+ shared)."""
+
+    def __init__(self, in_dim: int, tasks: list[str], p: CGCParams, act: Act, device: torch.device | None,
+                 shared_gate: bool) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.shared = Experts(p.shared_experts, in_dim, p.expert_hidden, p.dropout, act, device)
+        self.task_experts = nn.ModuleDict(
+            {t: Experts(p.task_experts, in_dim, p.expert_hidden, p.dropout, act, device) for t in tasks})
+        n_own = p.task_experts + p.shared_experts
+        self.task_gates = nn.ModuleDict({t: Gate(in_dim, n_own, device) for t in tasks})
+        n_all = p.shared_experts + len(tasks) * p.task_experts
+        self.shared_gate = Gate(in_dim, n_all, device) if shared_gate else None
+        self.out_dim = self.shared.out_dim
+
+    def forward(self, task_in: dict[str, torch.Tensor], shared_in: torch.Tensor
+                ) -> tuple[dict[str, torch.Tensor], torch.Tensor | None, Gates]:
+        shared = self.shared(shared_in)
+        own = {t: self.task_experts[t](task_in[t]) for t in self.tasks}
+        gates = {t: self.task_gates[t](task_in[t]) for t in self.tasks}
+        out = {t: mix(gates[t], torch.cat([own[t], shared], dim=1)) for t in self.tasks}
+        if self.shared_gate is None:
+            return out, None, gates
+        gates["shared"] = self.shared_gate(shared_in)
+        everything = torch.cat([shared, *[own[t] for t in self.tasks]], dim=1)
+        return out, mix(gates["shared"], everything), gates
+
+
+class ProgressiveLayered(nn.Module):
+    """PLE with `levels` CGC levels; CGC is the one-level case (no shared gate needed)."""
+
+    def __init__(self, in_dim: int, tasks: list[str], p: CGCParams, act: Act, device: torch.device | None,
+                 levels: int) -> None:
+        super().__init__()
+        self.tasks = tasks
+        self.levels = nn.ModuleList()
+        for i in range(levels):
+            self.levels.append(CGCLevel(in_dim, tasks, p, act, device, shared_gate=i < levels - 1))
+            in_dim = self.levels[-1].out_dim
+        self.out_dim = in_dim
+
+    def forward_gates(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Gates]:
+        task_in, shared_in, all_gates = {t: x for t in self.tasks}, x, {}
+        for i, level in enumerate(self.levels):
+            task_in, shared_in, gates = level(task_in, shared_in)
+            all_gates.update({f"level{i}/{name}": g for name, g in gates.items()})
+        return task_in, all_gates
+
+
+def build_network(kind: str, in_dim: int, tasks: list[str], p: TowerParams, act: Act,
+                  device: torch.device | None) -> nn.Module:
+    """kind: shared_bottom | moe | mmoe | cgc | ple; every network has forward_gates and out_dim."""
+    if kind == "shared_bottom":
+        return SharedBottom(in_dim, tasks, p, act, device)
+    if kind in ("moe", "mmoe"):
+        return MixtureOfExperts(in_dim, tasks, p, act, device, per_task=kind == "mmoe")
+    if kind == "cgc":
+        return ProgressiveLayered(in_dim, tasks, p, act, device, levels=1)
+    if kind == "ple":
+        return ProgressiveLayered(in_dim, tasks, p, act, device, levels=p.levels)
+    raise ValueError(f"unknown tower network '{kind}'")
