@@ -22,7 +22,10 @@ demo: bootstrap $(DATA)/_manifest.json
 	rm -rf $(RUN)
 	$(BIN)/torchx run -s local_cwd launch/components.py:train --config configs/ml100k_base.yaml \
 		--run_dir $(RUN) --nproc_per_node 2 --resume False
+	$(BIN)/torchx run -s local_cwd launch/components.py:score --config configs/ml100k_base.yaml \
+		--checkpoint $(RUN) --input $(DATA)/ranking/test --output $(RUN)/scores --nproc_per_node 2
 	@echo "== metrics ($(RUN)/metrics.json)"; cat $(RUN)/metrics.json
+	@echo "== scores ($(RUN)/scores/_SUCCESS)"; cat $(RUN)/scores/_SUCCESS
 
 test: bootstrap
 	$(BIN)/python -m pytest tests -q -p no:warnings --durations=15

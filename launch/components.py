@@ -67,6 +67,59 @@ def train(
     return _ddp(args, "trec-rank-train", image, nnodes, nproc_per_node, cpu, gpu, memMB, max_retries, env)
 
 
+def score(
+    *overrides: str,
+    config: str = "configs/ml100k_base.yaml",
+    checkpoint: str = "runs/train",
+    input: str = "data/ml-100k/ranking/test",  # noqa: A002 - the CLI flag's name
+    output: str = "runs/scores",
+    passthrough: str = "",
+    batch_size: int = 0,
+    sharded: bool = False,
+    plan: str = "",
+    quantize: str = "",
+    image: str = "trec-rank:latest",
+    nnodes: int = 1,
+    nproc_per_node: int = 2,
+    cpu: int = 2,
+    gpu: int = 0,
+    memMB: int = 8192,
+    max_retries: int = 0,
+    env: Optional[Dict[str, str]] = None,  # noqa: UP006, UP045
+) -> specs.AppDef:
+    """Batch offline scoring with trec-rank: Parquet in, Parquet parts + _SUCCESS manifest out.
+
+    Args:
+        overrides: config overrides passed as --set KEY=VALUE (e.g. data.num_workers=2)
+        config: experiment YAML the checkpoint was trained with
+        checkpoint: checkpoint dir, or a run dir (its latest complete checkpoint)
+        input: Parquet file or directory to score
+        output: output directory (shared storage on clusters); rerun with the same value to resume
+        passthrough: comma-separated input columns copied to the output (empty: group_by, user_id, item_id)
+        batch_size: rows per forward (0: data.eval_batch_size)
+        sharded: shard the embedding tables across the ranks as in training
+        plan: optional sharding plan JSON for sharded scoring
+        quantize: "int8" for int8 embedding tables, empty for fp32
+        image: container image (ignored by local_cwd)
+        nnodes: number of nodes
+        nproc_per_node: ranks per node
+        cpu: CPUs per node
+        gpu: GPUs per node
+        memMB: memory per node in MB
+        max_retries: job restarts after a failure (finished parts are kept and skipped)
+        env: extra environment variables
+    """
+    args = ["score", config, "--checkpoint", checkpoint, "--input", input, "--output", output]
+    args += ["--passthrough", passthrough] if passthrough else []
+    args += ["--batch-size", str(batch_size)] if batch_size else []
+    args += ["--sharded"] if sharded else []
+    args += ["--plan", plan] if plan else []
+    args += ["--quantize", quantize] if quantize else []
+    for item in overrides:
+        args += ["--set", item]
+    return _ddp(args, "trec-rank-score", image, nnodes, nproc_per_node, cpu, gpu, memMB, max_retries, env)
+
+
 def plan(
     *overrides: str,
     world_size: int,

@@ -9,12 +9,21 @@ features travel in the `sparse` KJT and are pooled by the EmbeddingBagCollection
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from trec_rank.config.typed import ConfigError
 
 FeatureKind = Literal["sparse", "sequence", "dense", "label"]
+# Names become torch module keys and TorchRec feature/table names: no '.', '/', spaces.
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def _check_name(name: str, key: str) -> None:
+    if not _NAME.match(name):
+        raise ConfigError(f"{key}.name: '{name}' must be letters, digits and '_' (it names modules and "
+                          f"metrics), e.g. '{re.sub(r'[^A-Za-z0-9_]', '_', name) or 'x'}'")
 OovPolicy = Literal["error", "hash", "oov_row"]
 
 
@@ -27,6 +36,7 @@ class TableConfig:
     embedding_dim: int
 
     def post_load(self, key: str) -> None:
+        _check_name(self.name, key)
         if self.num_embeddings < 1:
             raise ConfigError(f"{key}.num_embeddings: must be >= 1, got {self.num_embeddings}")
         if self.embedding_dim < 1:
@@ -56,6 +66,7 @@ class FeatureConfig:
     oov: OovPolicy = "error"
 
     def post_load(self, key: str) -> None:
+        _check_name(self.name, key)
         if not self.column:
             self.column = self.name
         has_table = self.kind in ("sparse", "sequence")
