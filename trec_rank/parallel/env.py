@@ -7,7 +7,6 @@ planner and DCP run the same code path on a laptop and on a cluster.
 from __future__ import annotations
 
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -38,12 +37,6 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _attempt_store(rank: int, world: int, timeout_s: int) -> dist.Store:
     """torchrun's store, namespaced by restart attempt.
 
@@ -70,9 +63,9 @@ def init_distributed(preference: str = "auto", timeout_s: int = 1800) -> DistEnv
                                     world_size=world, timeout=timedelta(seconds=timeout_s))
         elif "MASTER_ADDR" in os.environ:
             dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
-        else:
-            dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0,
-                                    world_size=1, timeout=timedelta(seconds=timeout_s))
+        else:  # one process: an in-memory store, no port to race for
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=timedelta(seconds=timeout_s))
     return DistEnv(rank, world, local_rank, local_world, device)
 
 

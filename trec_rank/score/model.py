@@ -40,6 +40,7 @@ from trec_rank.data.batch import Batch
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.registry import build_model
 from trec_rank.parallel.env import DistEnv
+from trec_rank.train.safe_dcp import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 MEMORY_FRACTION = 0.5  # leave half of the memory to batches, the fp32->int8 copy and the OS page cache
@@ -99,7 +100,7 @@ def load_unsharded(cfg: ExperimentConfig, ckpt: Path, device: torch.device) -> n
     model = materialize(build_model(cfg, torch.device("meta")), device)
     state = {WRAPPER_PREFIX + k: v for k, v in model.state_dict().items()}
     try:
-        dcp.load({"model": state}, checkpoint_id=str(ckpt), no_dist=True)
+        dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=True)
     except CheckpointException as err:
         first = str(err).strip().splitlines()[-1][:300]
         raise ValueError(f"--checkpoint {ckpt}: does not hold this model's weights ({first})") from None

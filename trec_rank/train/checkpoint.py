@@ -21,8 +21,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.api import CheckpointException
 
 from trec_rank.train import faults
+from trec_rank.train.safe_dcp import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -89,11 +91,19 @@ def load(ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str,
         state["optim"] = optimizer.state_dict()
     # allow_partial_load: a table that moved between data_parallel and a fused kernel changes which
     # optimizer owns its state; its weights still load, its optimizer state restarts.
-    dcp.load(state, checkpoint_id=str(ckpt), planner=DefaultLoadPlanner(allow_partial_load=True))
+    try:
+        dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)),
+                 planner=DefaultLoadPlanner(allow_partial_load=True))
+    except CheckpointException as err:
+        raise ValueError(f"{ckpt}: checkpoint cannot be loaded ({err})") from None
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     rng = ckpt / "rng" / f"rank-{dist.get_rank()}.pt"
     if rng.is_file():
-        torch.set_rng_state(torch.load(rng, weights_only=True)["torch"])
+        try:
+            rng_state = torch.load(rng, weights_only=True)["torch"]
+        except Exception as err:  # noqa: BLE001 - any failure means: not our file, refuse it
+            raise ValueError(f"{rng}: not a trec-rank RNG state, refused ({type(err).__name__})") from None
+        torch.set_rng_state(rng_state)
     return read_state(ckpt)
