@@ -57,7 +57,8 @@ def test_outputs_multiply_and_loss_is_bce_on_the_entire_space(esmm_cfg, funnel_b
     model = _model(esmm_cfg)
     assert not model.over.needs_batch  # plain RankingModel: the serving signature is unchanged
     out = model(funnel_batch)
-    assert set(out) == {"watch", "like", "cvr"}
+    assert set(out) == {"watch", "like", "ctcvr", "cvr"}
+    assert out["ctcvr"] is out["like"]  # the ctcvr task, also under its usual name for scoring (p_ctcvr)
     p_ctr, p_cvr, p_ctcvr = torch.sigmoid(out["watch"]), torch.sigmoid(out["cvr"]), torch.sigmoid(out["like"])
     torch.testing.assert_close(p_ctcvr, p_ctr * p_cvr)
     loss = TaskLoss(esmm_cfg.model.tasks, {})(out, funnel_batch.labels, funnel_batch.weights)

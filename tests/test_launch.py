@@ -15,11 +15,13 @@ ROOT = Path(__file__).resolve().parents[1]
 COMPONENT = "launch/components.py:train"
 
 
-def test_local_cwd_job_trains_on_two_ranks(ml100k_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("nnodes,nproc", [(1, 2), (2, 1)])  # 2 ranks on one node; 2 simulated nodes
+def test_local_cwd_job_trains_on_two_ranks(ml100k_dir: Path, tmp_path: Path, nnodes: int, nproc: int) -> None:
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHONWARNINGS": "ignore"}
     cmd = [str(bin_dir / "torchx"), "run", "-s", "local_cwd", COMPONENT, "--run_dir", str(tmp_path / "run"),
-           "--nproc_per_node", "2", f"data.path={ml100k_dir}/ranking", "train.max_steps=10"]
+           "--nnodes", str(nnodes), "--nproc_per_node", str(nproc), f"data.path={ml100k_dir}/ranking",
+           "train.max_steps=10"]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "SUCCEEDED" in proc.stderr + proc.stdout, proc.stderr[-4000:]
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())

@@ -68,7 +68,7 @@ def click_space_bce(cvr_logit: torch.Tensor, conversion: torch.Tensor, click: to
 
 class EsmmOverArch(nn.Module):
     """(pooled, jagged, dense, side[, batch]) -> {ctr_task: a, ctcvr_task: logit(pCTR pCVR),
-    cvr_output: b} (+ AUX_LOSS in training), all logits [B]."""
+    "ctcvr": the same, cvr_output: b} (+ AUX_LOSS in training), all logits [B]."""
 
     def __init__(self, cfg: ExperimentConfig, params: EsmmParams, device: torch.device) -> None:
         super().__init__()
@@ -107,6 +107,7 @@ class EsmmOverArch(nn.Module):
         a = self.ctr_head(self.ctr(enc.h)).squeeze(-1)
         b = self.cvr_head(self.cvr(enc.h)).squeeze(-1)
         out = {p.ctr_task: a, p.ctcvr_task: ctcvr_logit(a, b), p.cvr_output: b}
+        out.setdefault("ctcvr", out[p.ctcvr_task])  # scoring writes p_ctcvr under its usual name too
         aux = [] if enc.aux is None else [enc.aux]
         if p.variant == "naive" and self.training and batch is not None:
             labels = batch.labels
