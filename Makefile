@@ -24,7 +24,7 @@ demo: bootstrap $(DATA)/_manifest.json
 		--run_dir $(RUN) --nproc_per_node 2 --resume False
 	$(BIN)/torchx run -s local_cwd launch/components.py:score --config configs/ml100k_base.yaml \
 		--checkpoint $(RUN) --input $(DATA)/ranking/test --output $(RUN)/scores --nproc_per_node 2
-	@echo "== metrics ($(RUN)/metrics.json)"; cat $(RUN)/metrics.json
+	@echo "== metrics ($(RUN)/metrics.json)"; cat $(RUN)/metrics.json; echo
 	@echo "== scores ($(RUN)/scores/_SUCCESS)"; cat $(RUN)/scores/_SUCCESS
 
 test: bootstrap
