@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, descendants, run_cli
 
 CONFIG = "configs/ml100k_base.yaml"
 COPIES = 6
@@ -44,27 +44,11 @@ def scored_input(ml100k_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return run, data, rows
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    out, todo = [], list(children.get(pid, []))
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher's process group (start_new_session) and the groups of its workers:
     torch elastic starts every worker in a session of its own."""
     groups = []
-    for p in [*_descendants(proc.pid), proc.pid]:
+    for p in [*descendants(proc.pid), proc.pid]:
         try:
             groups.append(os.getpgid(p))
         except ProcessLookupError:

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import ROOT, run_cli
+from tests.helpers import ROOT, descendants, run_cli
 
 CONFIG = "configs/ml100k_base.yaml"
 
@@ -39,18 +39,7 @@ def score(data: str | Path, out: Path, ckpt: Path, *extra: str, nproc: int = 1, 
 def kill_job(pid: int) -> None:
     """SIGKILL a launcher and every process below it. torchrun starts each worker in its own session,
     so killing the launcher's process group alone would leave the workers running."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(stat.parent.name))
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo += children.get(p, [])
+    tree = [pid, *descendants(pid)]
     for p in reversed(tree):  # workers first, so the launcher cannot react
         try:
             os.killpg(os.getpgid(p), signal.SIGKILL)
