@@ -1,0 +1,176 @@
+"""The retrieval experiment config (`kind: retrieval` YAML files), and the view the shared planner reads.
+
+Retrieval trains on one row per user (an item sequence), not on labelled events, so it has its
+own top-level dataclass; the sections it shares with ranking (`train.optim`, `sharding`) are the
+same dataclasses, so the same keys mean the same thing in both kinds of config.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from trec_rank.config.experiment import DataConfig, ExperimentConfig, OptimConfig, ShardingConfig, TableConstraint
+from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
+from trec_rank.config.typed import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from trec_rank.models.hstu import HSTUConfig
+from trec_rank.models.sasrec import SASRecConfig
+
+ITEM_TABLE = "item"
+# EmbeddingCollection tables: table- or row-wise with the fused kernel; never data_parallel (its dense kernel
+# pools sequence outputs on CPU, torchrec#1255 / FBGEMM#4586)
+ITEM_SHARDING = ("table_wise", "row_wise")
+ENCODERS: dict[str, type] = {"hstu": HSTUConfig, "sasrec": SASRecConfig}
+
+
+@dataclass
+class SequenceData:
+    path: str  # a directory of Parquet files with one row per user (e.g. data/ml-100k/sequences)
+    items_column: str = "item_ids"  # list<int64>, oldest first
+    time_column: str = "timestamps"  # list<int64> seconds, aligned with the items
+    max_seq_len: int = 200  # most recent items the encoder sees (the reference's max_sequence_length)
+    batch_size: int = 128  # users per rank and step
+    eval_batch_size: int = 512
+    seed: int = 0
+
+    def post_load(self, key: str) -> None:
+        for name in ("max_seq_len", "batch_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class ItemTable:
+    num_embeddings: int  # ids in [1, num_embeddings); row 0 is padding and never a candidate
+    embedding_dim: int = 52
+
+    def post_load(self, key: str) -> None:
+        if self.num_embeddings < 2 or self.embedding_dim < 1:
+            raise ConfigError(f"{key}: need num_embeddings >= 2 and embedding_dim >= 1")
+        if self.embedding_dim % 4:
+            raise ConfigError(f"{key}.embedding_dim: fbgemm's table kernels need a multiple of 4, "
+                              f"got {self.embedding_dim} (the paper's 50 -> 52)")
+
+
+@dataclass
+class EncoderSpec:
+    name: Literal["hstu", "sasrec"] = "hstu"
+    params: dict[str, Any] = field(default_factory=dict)  # checked against HSTUConfig / SASRecConfig
+
+    def post_load(self, key: str) -> None:
+        self.encoder_config(key)
+
+    def encoder_config(self, key: str = "model") -> Any:
+        return from_dict(ENCODERS[self.name], self.params, f"{key}.params")
+
+
+@dataclass
+class LossConfig:
+    """Sampled softmax over L2-normalised embeddings (the reference's SampledSoftmaxLoss)."""
+
+    temperature: float = 0.05
+    num_negatives: int = 128  # per position
+    sampler: Literal["uniform", "in_batch"] = "uniform"  # over the corpus, or over the batch's targets
+
+    def post_load(self, key: str) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{key}.temperature: must be > 0, got {self.temperature}")
+        if self.num_negatives < 1:
+            raise ConfigError(f"{key}.num_negatives: must be >= 1, got {self.num_negatives}")
+
+
+@dataclass
+class RetrievalTrain:
+    epochs: int = 100
+    max_steps: int = 0  # 0: no step limit
+    patience: int = 10  # epochs without a better valid ndcg@10 before stopping; 0: never stop early
+    checkpoint_every: int = 0  # steps; 0: after every epoch's evaluation only
+    keep_checkpoints: int = 2
+    log_every: int = 20
+    seed: int = 0
+    adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.98])  # the reference's AdamW betas
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(dense="adamw", sparse_lr=0.05))
+
+    def post_load(self, key: str) -> None:
+        if self.epochs < 1 or self.keep_checkpoints < 1:
+            raise ConfigError(f"{key}: epochs and keep_checkpoints must be >= 1")
+        if self.max_steps < 0 or self.patience < 0 or self.checkpoint_every < 0:
+            raise ConfigError(f"{key}: max_steps, patience and checkpoint_every must be >= 0")
+        if len(self.adam_betas) != 2:
+            raise ConfigError(f"{key}.adam_betas: expected two numbers, got {self.adam_betas}")
+
+
+@dataclass
+class RetrievalEval:
+    ks: list[int] = field(default_factory=lambda: [10, 50, 200])  # HR@k / NDCG@k cut-offs
+    early_stop_metric: str = "ndcg@10"
+
+    def post_load(self, key: str) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ConfigError(f"{key}.ks: need at least one cut-off >= 1, got {self.ks}")
+        allowed = {"mrr"} | {f"{m}@{k}" for m in ("hr", "ndcg") for k in self.ks}
+        if self.early_stop_metric not in allowed:
+            raise ConfigError(f"{key}.early_stop_metric: '{self.early_stop_metric}' is not one of "
+                              f"{sorted(allowed)}")
+
+
+@dataclass
+class RetrievalConfig:
+    kind: Literal["retrieval"]
+    data: SequenceData
+    item: ItemTable
+    model: EncoderSpec = field(default_factory=EncoderSpec)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: RetrievalTrain = field(default_factory=RetrievalTrain)
+    eval: RetrievalEval = field(default_factory=RetrievalEval)
+    sharding: ShardingConfig = field(default_factory=ShardingConfig)
+
+    def post_load(self, key: str) -> None:
+        for table, constraint in self.sharding.constraints.items():
+            if table != ITEM_TABLE:
+                raise ConfigError(f"sharding.constraints.{table}: unknown table (retrieval has one: "
+                                  f"'{ITEM_TABLE}')")
+            bad = set(constraint.sharding_types) - set(ITEM_SHARDING)
+            if bad:
+                raise ConfigError(f"sharding.constraints.{table}.sharding_types: {sorted(bad)} not allowed for the "
+                                  f"item EmbeddingCollection (use {', '.join(ITEM_SHARDING)})")
+
+    def planning_view(self) -> ExperimentConfig:
+        """What trec_rank.parallel.sharding reads (schema, sharding, batch size), built from this config.
+
+        The item table is read by two features: `seq` (each user's tokens, a sequence of up to
+        max_seq_len + 1 ids) and `neg` (the step's sampled candidates), so it lives in an
+        EmbeddingCollection and gets the sequence-table constraints (TW/RW/CW, fused, never DP on CPU).
+        """
+        seq = FeatureConfig("seq", "sequence", table=ITEM_TABLE, max_len=self.data.max_seq_len + 1)
+        schema = Schema(tables=[TableConfig(ITEM_TABLE, self.item.num_embeddings, self.item.embedding_dim)],
+                        features=[seq, FeatureConfig("neg", "sparse", table=ITEM_TABLE)])
+        constraints = dict(self.sharding.constraints)
+        constraints.setdefault(ITEM_TABLE, TableConstraint(sharding_types=list(ITEM_SHARDING)))
+        return ExperimentConfig(data=DataConfig(path=self.data.path, batch_size=self.data.batch_size),
+                                schema=schema, sharding=replace(self.sharding, constraints=constraints))
+
+    def fingerprint(self) -> str:
+        """Hash of what checkpoint tensors depend on (table shape, encoder and its params, max length)."""
+        blob = json.dumps({"item": to_dict(self.item), "model": to_dict(self.model),
+                           "max_seq_len": self.data.max_seq_len}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def load_retrieval_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RetrievalConfig:
+    """Read YAML, apply `--set key=value` overrides, validate; errors name the file and key."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    try:
+        cfg = from_dict(RetrievalConfig, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    cfg.source = str(path)  # type: ignore[attr-defined]
+    return cfg
+
+
+def is_retrieval_config(path: str | Path) -> bool:
+    """True when the YAML's top level says `kind: retrieval` (how `trec-rank train/eval` dispatch)."""
+    return read_yaml(path).get("kind") == "retrieval"

@@ -1,0 +1,104 @@
+"""Retrieval model: sharded item EmbeddingCollection + sequence encoder (HSTU/SASRec) + sampled softmax.
+
+`RetrievalModel.forward(batch)` hands the EmbeddingCollection a plain batch attribute
+(`self.ec(batch.ids)`) and everything else to `SequenceHead`, one module without sharded children,
+which TrainPipelineSparseDist's tracer treats as a leaf. The same head encodes users at eval
+time. User and item embeddings are L2-normalised (eps 1e-6) before every dot product.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchrec import EmbeddingCollection
+from torchrec.modules.embedding_configs import EmbeddingConfig
+from torchrec.sparse.jagged_tensor import JaggedTensor
+
+from trec_rank.models.hstu import HSTUEncoder
+from trec_rank.models.sasrec import SASRecEncoder
+from trec_rank.retrieval.batch import FEATURES, RetrievalBatch
+from trec_rank.retrieval.config import ITEM_TABLE, RetrievalConfig
+from trec_rank.retrieval.loss import sampled_softmax_loss
+
+
+def normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
+
+
+def next_item_split(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged rows of tokens -> (input index [P], target index [P]): tokens[:-1] and tokens[1:] of every row.
+
+    lengths [B] (each >= 1); the indices address the row-concatenated token values [sum(lengths)].
+    """
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
+    total = int(offsets[-1])
+    first = torch.zeros(total, dtype=torch.bool, device=lengths.device)
+    last = torch.zeros_like(first)
+    first[offsets[:-1]] = True
+    last[offsets[1:] - 1] = True
+    return (~last).nonzero().squeeze(1), (~first).nonzero().squeeze(1)
+
+
+class SequenceHead(nn.Module):
+    """Jagged item embeddings -> user states -> loss (training) or last-position user embeddings (eval)."""
+
+    def __init__(self, encoder: nn.Module, temperature: float) -> None:
+        super().__init__()
+        self.encoder, self.temperature = encoder, temperature
+
+    def user_states(self, tokens: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [T, D], lengths [B], timestamps [T] -> (unit-norm states [P, D], target index [P]).
+
+        State p reads tokens up to its position and queries at the next token's timestamp.
+        """
+        inp, tgt = next_item_split(lengths)
+        out = self.encoder(tokens[inp], lengths - 1, timestamps[inp], timestamps[tgt])
+        return normalize(out), tgt
+
+    def last_states(self, tokens: torch.Tensor, lengths: torch.Tensor,
+                    timestamps: torch.Tensor) -> torch.Tensor:
+        """Each row's user embedding for its last token (the eval target): [B, D] unit norm."""
+        states, _ = self.user_states(tokens, lengths, timestamps)
+        return states[torch.cumsum(lengths.long() - 1, 0) - 1]
+
+    def forward(self, emb: dict[str, JaggedTensor], timestamps: torch.Tensor, neg_index: torch.Tensor,
+                hit: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        seq, cand = emb["seq"], normalize(emb["neg"].values())
+        lengths = seq.lengths()
+        user, tgt = self.user_states(seq.values(), lengths, timestamps)
+        pos = normalize(seq.values()[tgt])
+        pos_weights = torch.repeat_interleave(weights, lengths.long() - 1)
+        return sampled_softmax_loss(user, pos, cand, neg_index, hit, pos_weights, self.temperature)
+
+
+class RetrievalModel(nn.Module):
+    """batch -> (loss, (loss.detach(),)), TorchRec's train-pipeline convention."""
+
+    def __init__(self, ec: EmbeddingCollection, head: SequenceHead) -> None:
+        super().__init__()
+        self.ec, self.head = ec, head
+
+    def forward(self, batch: RetrievalBatch) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
+        emb = self.ec(batch.ids)
+        loss = self.head(emb, batch.timestamps, batch.neg_index, batch.hit, batch.weights)
+        return loss, (loss.detach(),)
+
+
+def build_encoder(cfg: RetrievalConfig, device: torch.device) -> nn.Module:
+    enc = cfg.model.encoder_config()
+    cls = HSTUEncoder if cfg.model.name == "hstu" else SASRecEncoder
+    return cls(cfg.item.embedding_dim, cfg.data.max_seq_len, enc, device)
+
+
+def build_retrieval_model(cfg: RetrievalConfig, device: torch.device | None = None) -> RetrievalModel:
+    """On `meta` by default: DMP shards the table and materialises the rest (reset_parameters)."""
+    device = device or torch.device("meta")
+    table = EmbeddingConfig(name=ITEM_TABLE, num_embeddings=cfg.item.num_embeddings,
+                            embedding_dim=cfg.item.embedding_dim, feature_names=list(FEATURES),
+                            init_fn=partial(nn.init.normal_, std=0.02))  # the reference's item init
+    ec = EmbeddingCollection(tables=[table], device=device)
+    return RetrievalModel(ec, SequenceHead(build_encoder(cfg, device), cfg.loss.temperature))
