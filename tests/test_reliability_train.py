@@ -77,3 +77,13 @@ def test_crash_inside_checkpoint_save_leaves_previous_checkpoint(ml100k_dir: Pat
     assert "resumed from" in proc.stderr and "step-00000010" in proc.stderr
     assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000020", "step-00000030"]
     assert not list((run / "checkpoints").glob("*.tmp"))
+
+
+def test_nan_on_one_rank_stops_every_rank_in_the_plain_loop(ml100k_dir: Path, tmp_path: Path) -> None:
+    """The NaN decision is all-reduced: the clean rank must not run a backward the other one skips."""
+    run = tmp_path / "run"
+    proc = run_cli(*train_args(run, ml100k_dir, "train.max_steps=10", "train.checkpoint_every=3",
+                               "train.pipeline=false"), nproc=2, env={"TREC_RANK_FAULT": "nan:5:0"}, check=False)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: non-finite loss at step 5") == 2, proc.stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000003"]

@@ -177,13 +177,13 @@ class Trainer:
         for batch in feed:
             batch = batch.to(self.env.device, non_blocking=True)
             loss, _ = self.model(batch)
-            if self.cfg.train.nan_policy == "skip" and not _all_true(bool(torch.isfinite(loss)), self.env.device):
-                log.warning("step %d: non-finite loss, batch skipped", self.step + 1)
-                feed.in_flight.popleft()  # every rank skips together: the flag was all-reduced
-                self.batch_in_epoch += 1  # the batch is consumed: a resume must not see it again
-                continue
-            if not torch.isfinite(loss):
-                yield loss.detach()  # fit() stops on it before any update is applied
+            if not _all_true(bool(torch.isfinite(loss)), self.env.device):  # all ranks decide alike
+                if self.cfg.train.nan_policy == "skip":
+                    log.warning("step %d: non-finite loss, batch skipped", self.step + 1)
+                    feed.in_flight.popleft()
+                    self.batch_in_epoch += 1  # the batch is consumed: a resume must not see it again
+                    continue
+                yield torch.tensor(float("nan"))  # fit() stops on it before any update is applied
                 continue
             self.optimizer.zero_grad()
             loss.backward()
