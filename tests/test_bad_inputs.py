@@ -223,9 +223,6 @@ CASES: list[tuple[str, Callable, str]] = [
     ("data-garbage-ratings", data_case("garbage_ratings"), "u.data"),
     ("data-synthetic-bad-schema", data_case("bad_schema"), "num_rows"),
 ]
-XFAIL: dict[str, str] = {}  # case id -> the bug, for a case that must fail until a fix lands in code I don't own
-
-
 @pytest.fixture(scope="session")
 def outcomes(small: Path, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple]:
     """Every case's (argv, CompletedProcess, marker, tmp dir), two CLI processes at a time: each case is
@@ -240,9 +237,7 @@ def outcomes(small: Path, tiny_ckpt: Path, tmp_path_factory: pytest.TempPathFact
         return {case: (argv, procs[case].result(), marker, tmp) for case, (argv, marker, tmp) in built.items()}
 
 
-@pytest.mark.parametrize("case,needle", [
-    pytest.param(c, n, id=c, marks=[pytest.mark.xfail(strict=True, reason=XFAIL[c])] if c in XFAIL else [])
-    for c, _, n in CASES])
+@pytest.mark.parametrize("case,needle", [pytest.param(c, n, id=c) for c, _, n in CASES])
 def test_bad_input_fails_cleanly(case: str, needle: str, outcomes: dict[str, tuple]) -> None:
     argv, proc, complete_marker, tmp = outcomes[case]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
