@@ -55,8 +55,12 @@ def summarize(name: str, config: str, seed: int, run_dir: Path, wall: float, loa
             "valid": metrics["valid"], "test": metrics["test"], "history": history}
 
 
-def step_time(config: str, threads: int, steps: int = 6) -> dict:
-    """Median seconds of one training step (forward + backward + AdamW) on the unsharded model."""
+def step_times(configs: list[str], threads: int, rounds: int = 3, steps: int = 4) -> list[dict]:
+    """Median wall and CPU seconds of one training step (forward + backward + AdamW), unsharded model.
+
+    The encoders are measured in alternation for `rounds` rounds, so a load change on a shared
+    machine hits both; CPU time (all threads) is the steadier number there.
+    """
     import torch
 
     from trec_rank.models.embeddings import materialize
@@ -67,25 +71,30 @@ def step_time(config: str, threads: int, steps: int = 6) -> dict:
     from trec_rank.retrieval.trainer import data_path
 
     torch.set_num_threads(threads)
-    cfg = load_retrieval_config(config)
-    seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
-    sampler = NegativeSampler(seqs.corpus(), cfg.loss.num_negatives, cfg.loss.sampler, cfg.item.num_embeddings, 0)
-    reader = SplitReader(seqs, "train", cfg, cfg.data.batch_size, 0, 1, shuffle=True)
-    model = materialize(build_retrieval_model(cfg), torch.device("cpu")).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    times = []
-    for i, window in reader.batches(0):
-        batch = train_batch(window, sampler, 0, 0, i)
-        t0 = time.perf_counter()
-        loss, _ = model(batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        times.append(time.perf_counter() - t0)
-        if len(times) == steps:
-            break
-    return {"config": config, "threads": threads, "median_step_s": statistics.median(times[1:]),
-            "positions_per_step": int(batch.neg_index.shape[0])}
+    setups = []
+    for config in configs:
+        cfg = load_retrieval_config(config)
+        seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
+        sampler = NegativeSampler(seqs.corpus(), cfg.loss.num_negatives, cfg.loss.sampler, cfg.item.num_embeddings, 0)
+        _, window = next(SplitReader(seqs, "train", cfg, cfg.data.batch_size, 0, 1, shuffle=True).batches(0))
+        model = materialize(build_retrieval_model(cfg), torch.device("cpu")).train()
+        setups.append((model, torch.optim.AdamW(model.parameters(), lr=1e-3), train_batch(window, sampler, 0, 0, 0)))
+    wall: list[list[float]] = [[] for _ in configs]
+    cpu: list[list[float]] = [[] for _ in configs]
+    for _ in range(rounds):
+        for k, (model, opt, batch) in enumerate(setups):
+            for step in range(steps + 1):  # the first step of each round warms up
+                t0, c0 = time.perf_counter(), time.process_time()
+                loss, _ = model(batch)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                if step:
+                    wall[k].append(time.perf_counter() - t0)
+                    cpu[k].append(time.process_time() - c0)
+    return [{"config": c, "threads": threads, "median_step_s": statistics.median(w),
+             "median_cpu_s": statistics.median(u), "positions_per_step": int(setups[k][2].neg_index.shape[0])}
+            for k, (c, w, u) in enumerate(zip(configs, wall, cpu))]
 
 
 def popularity(config: str, split: str = "test") -> dict:
@@ -174,7 +183,7 @@ def main() -> None:
             save()
             print(f"done {report['retrieval'][-1]['name']}", flush=True)
     if args.step_time:
-        report["step_time"] = [step_time(c, args.threads) for c in args.configs]
+        report["step_time"] = step_times(args.configs, args.threads)
         save()
     if args.ranking_steps:
         report["ranking"] = ranking_runs(args.ranking_steps, out)
@@ -183,8 +192,8 @@ def main() -> None:
     pop = report["popularity"]
     print("| popularity (test) | - | " + " | ".join(f"{pop[m]:.4f}" for m in METRICS) + " | - | - |")
     for s in report.get("step_time", []):
-        print(f"step time {s['config']}: {s['median_step_s']:.3f} s ({s['positions_per_step']} positions, "
-              f"{s['threads']} threads)")
+        print(f"step time {s['config']}: {s['median_step_s']:.3f} s wall, {s['median_cpu_s']:.3f} s CPU "
+              f"({s['positions_per_step']} positions, {s['threads']} threads)")
     for r in report.get("ranking", []):
         print(f"ranking {r['config']}: valid like/auc {r['valid_auc']:.4f} gauc {r['valid_gauc']:.4f} "
               f"after {r['steps']} steps ({r['wall_s']:.0f} s)")

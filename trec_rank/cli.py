@@ -48,6 +48,8 @@ def _train(args: argparse.Namespace) -> None:
     if _is_retrieval(args.config):
         from trec_rank.retrieval import cli as retrieval
 
+        if args.plan or args.init_from:
+            raise ValueError("--plan and --init-from are not supported for retrieval (kind: retrieval) configs")
         retrieval.train(args.config, args.set, args.run_dir, args.resume)
         return
     from trec_rank.config.experiment import load_config
@@ -85,6 +87,8 @@ def _eval(args: argparse.Namespace) -> None:
     if _is_retrieval(args.config):
         from trec_rank.retrieval import cli as retrieval
 
+        if args.splits:
+            raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
         retrieval.evaluate(args.config, args.set, args.checkpoint, args.run_dir)
         return
 
