@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trec_rank.config.schema import Schema
-from trec_rank.config.typed import ConfigError, apply_overrides, from_dict, read_yaml
+from trec_rank.config.typed import ConfigError, load_file
 
 
 @dataclass
@@ -131,10 +131,4 @@ class ExperimentConfig:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read YAML, apply `--set key=value` overrides, validate; errors name the file and key."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    try:
-        cfg = from_dict(ExperimentConfig, raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    cfg.source = str(path)  # type: ignore[attr-defined]
-    return cfg
+    return load_file(ExperimentConfig, path, overrides)

@@ -145,3 +145,14 @@ def read_yaml(path: str | Path) -> dict:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping")
     return data
+
+
+def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = ()) -> T:
+    """Read YAML, apply `--set key=value` overrides, build `cls`; errors name the file and key."""
+    raw = apply_overrides(read_yaml(path), list(overrides))
+    try:
+        cfg = from_dict(cls, raw)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+    cfg.source = str(path)  # type: ignore[attr-defined]
+    return cfg

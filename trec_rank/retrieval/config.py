@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from trec_rank.config.experiment import DataConfig, ExperimentConfig, OptimConfig, ShardingConfig, TableConstraint
 from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
-from trec_rank.config.typed import ConfigError, apply_overrides, from_dict, read_yaml, to_dict
+from trec_rank.config.typed import ConfigError, from_dict, load_file, read_yaml, to_dict
 from trec_rank.models.hstu import HSTUConfig
 from trec_rank.models.sasrec import SASRecConfig
 
@@ -162,13 +162,7 @@ class RetrievalConfig:
 
 def load_retrieval_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RetrievalConfig:
     """Read YAML, apply `--set key=value` overrides, validate; errors name the file and key."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
-    try:
-        cfg = from_dict(RetrievalConfig, raw)
-    except ConfigError as err:
-        raise ConfigError(f"{path}: {err}") from None
-    cfg.source = str(path)  # type: ignore[attr-defined]
-    return cfg
+    return load_file(RetrievalConfig, path, overrides)
 
 
 def is_retrieval_config(path: str | Path) -> bool:
