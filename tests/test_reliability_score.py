@@ -3,8 +3,9 @@
 The input is the real ml-100k ranking train split symlinked COPIES times (a few hundred thousand rows,
 so a run lasts several seconds). For each seed the job is killed, process group by process group, after
 a seeded random number of finished parts (up to half; counted in parts, not seconds, so a fast machine
-cannot finish first); the rerun (same arguments, 2 ranks) must finish with one output row per input row, row_index unique and equal to the input's, `_SUCCESS` present only
-then, and no temporaries of the killed run left behind.
+cannot finish first); the rerun (same arguments, 2 ranks) must finish with one output row per input
+row, row_index unique and equal to the input's, `_SUCCESS` present only then, and no temporaries of the
+killed run left behind.
 """
 
 from __future__ import annotations
