@@ -51,6 +51,11 @@ class EsmmParams:
     cvr_output: str = "cvr"
     variant: Literal["esmm", "naive"] = "esmm"
 
+    def subset_aucs(self) -> list[tuple[str, str, str]]:
+        """(output, label task, given task) for the trainer's subset AUCs: `<cvr_output>/auc` is
+        pCVR against the ctcvr label on clicked rows (ctr label 1), where that label is the conversion."""
+        return [(self.cvr_output, self.ctcvr_task, self.ctr_task)]
+
 
 def ctcvr_logit(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> torch.Tensor:
     """logit(sigmoid(a) * sigmoid(b)) = -log(e^-a + e^-b + e^-(a+b)); finite for any finite a, b."""

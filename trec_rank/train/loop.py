@@ -28,7 +28,7 @@ from trec_rank.data.dataset import ParquetDataset
 from trec_rank.parallel.env import DistEnv
 from trec_rank.train import checkpoint, faults
 from trec_rank.train.build import build_optimizer, build_train_model, group_ids, open_split, schema_fingerprint
-from trec_rank.train.metrics import EvalMetrics
+from trec_rank.train.metrics import EvalMetrics, subset_aucs
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, 
     was_training = model.training
     model.eval()
     metrics = EvalMetrics(cfg.model.tasks, ds.batch_size, env.world_size, env.rank, env.device,
-                          window_rows=ds.num_rows)
+                          window_rows=ds.num_rows, subsets=subset_aucs(cfg))
     for batch in ds.lockstep():
         batch = batch.to(env.device, non_blocking=True)
         _, (_, logits, labels) = model(batch)

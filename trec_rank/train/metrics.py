@@ -3,10 +3,15 @@
 AUC, NE, calibration and CTR come from `torchrec.metrics` (RecMetricModule, synchronised over the
 process group). GAUC and logloss are computed exactly here: torchrec's GAUC needs each group's
 rows contiguous inside one batch, which a loader that cuts by row group cannot promise, so rows
-(group, prediction, label, weight) are gathered and each group's AUC is computed once.
+(group, prediction, label, weight) are gathered and each group's AUC is computed once. Subset AUCs
+(`SubsetAUC`) score a non-task output on the rows where another task's label is 1, exactly too:
+ESMM's `cvr/auc` is the AUC of pCVR against conversion over the clicked rows only.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -14,6 +19,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torchrec.metrics.metric_module import RecMetricModule, generate_metric_module
 from torchrec.metrics.metrics_config import MetricsConfig, RecMetricDef, RecMetricEnum, RecTaskInfo
+
+from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.models.registry import check_params
 
 TORCHREC_METRICS = {"auc": (RecMetricEnum.AUC, "window_auc"), "ne": (RecMetricEnum.NE, "lifetime_ne"),
                     "calibration": (RecMetricEnum.CALIBRATION, "lifetime_calibration"),
@@ -47,12 +55,39 @@ def gauc(groups: np.ndarray, scores: np.ndarray, labels: np.ndarray) -> float:
     return float((auc * weight).sum() / weight.sum()) if weight.sum() > 0 else float("nan")
 
 
+def auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Exact ROC AUC (ties get average ranks); nan unless both classes occur."""
+    value, _ = grouped_auc(np.zeros(len(scores), dtype=np.int64), scores, labels)
+    return float(value[0]) if len(value) else float("nan")
+
+
+@dataclass(frozen=True)
+class SubsetAUC:
+    """`<output>/auc`: AUC of sigmoid(logits[output]) against labels[label] over rows with labels[given] = 1.
+
+    Why: ESMM's pCVR is trained only through pCTCVR on the entire space, yet it is a conversion rate
+    *given a click*; its own quality shows on the clicked rows, where the ctcvr label is the
+    conversion (click AND conversion = conversion when click = 1)."""
+
+    output: str
+    label: str
+    given: str
+
+
+def subset_aucs(cfg: ExperimentConfig) -> list[SubsetAUC]:
+    """The subset AUCs the configured model declares through its params' `subset_aucs()` (ESMM: pCVR
+    on clicked rows); an empty list for models that declare none."""
+    params = check_params(cfg.model.name, cfg.model.params)
+    declared = getattr(params, "subset_aucs", None)
+    return [SubsetAUC(*spec) for spec in declared()] if declared is not None else []
+
+
 class EvalMetrics:
     """Accumulate one eval pass; `compute()` is collective (call it on every rank)."""
 
     def __init__(self, tasks: list[str], batch_size: int, world_size: int, rank: int, device: torch.device,
-                 window_rows: int) -> None:
-        self.tasks, self.device = tasks, device
+                 window_rows: int, subsets: Sequence[SubsetAUC] = ()) -> None:
+        self.tasks, self.device, self.subsets = tasks, device, list(subsets)
         cfg = MetricsConfig(
             rec_tasks=[RecTaskInfo(name=t, label_name=f"{t}-label", prediction_name=f"{t}-pred",
                                    weight_name=f"{t}-weight") for t in tasks],
@@ -65,6 +100,8 @@ class EvalMetrics:
         self.rows: dict[str, list[np.ndarray]] = {"group": []}
         for t in tasks:
             self.rows[f"{t}-pred"], self.rows[f"{t}-label"] = [], []
+        for sub in self.subsets:
+            self.rows[f"{sub.output}-subset-pred"], self.rows[f"{sub.output}-subset-label"] = [], []
         self.logloss = {t: torch.zeros(2, dtype=torch.float64) for t in tasks}
 
     def update(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], weights: torch.Tensor,
@@ -80,6 +117,11 @@ class EvalMetrics:
             self.rows[f"{t}-label"].append(labels[t].float().cpu().numpy()[keep])
         if groups is not None:
             self.rows["group"].append(groups.cpu().numpy()[keep])
+        for sub in self.subsets:  # rows with weight > 0 whose `given` label is 1
+            rows = ((weights > 0) & (labels[sub.given] > 0.5)).cpu().numpy()
+            self.rows[f"{sub.output}-subset-pred"].append(
+                torch.sigmoid(logits[sub.output].detach().float()).cpu().numpy()[rows])
+            self.rows[f"{sub.output}-subset-label"].append(labels[sub.label].float().cpu().numpy()[rows])
         self.module.update({k: v.to(self.device) for k, v in out.items()})
 
     def _gathered(self, key: str) -> np.ndarray:
@@ -105,4 +147,7 @@ class EvalMetrics:
             result[f"{t}/logloss"] = float(ll[0] / ll[1].clamp(min=1e-12))
             if groups is not None:
                 result[f"{t}/gauc"] = gauc(groups, self._gathered(f"{t}-pred"), self._gathered(f"{t}-label"))
+        for sub in self.subsets:
+            result[f"{sub.output}/auc"] = auc(self._gathered(f"{sub.output}-subset-pred"),
+                                             self._gathered(f"{sub.output}-subset-label"))
         return result
