@@ -28,10 +28,10 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from trec_rank.config.typed import ConfigError
 from trec_rank.models.embeddings import pool, pooled_dim
+from trec_rank.models.hstu_jagged import Group, JaggedLayout, pad_ints, plan, table_gather, time_buckets
 from trec_rank.models.layers import MLP
 
-TIME_BUCKET_BASE = 0.301  # bucket = floor(ln|dt| / 0.301): the reference's log-bucketing of seconds
-
+__all__ = ["pad_ints", "time_buckets"]  # re-exported: tests and the padded baseline use them
 
 @dataclass
 class HSTUConfig:
@@ -54,22 +54,9 @@ class HSTUConfig:
                 raise ConfigError(f"{key}.{name}: must be in [0, 1), got {getattr(self, name)}")
 
 
-def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
-    """Log buckets of time gaps (any shape, int seconds): clamp(floor(ln(max(|dt|, 1)) / 0.301), 0, n)."""
-    return (dt.abs().clamp(min=1).float().log() / TIME_BUCKET_BASE).long().clamp(0, num_buckets)
-
-
 def jagged_positions(offsets: torch.Tensor, total: int) -> torch.Tensor:
     """Position of every jagged value inside its row (0 = oldest): offsets [B+1] -> [total]."""
     return torch.ops.fbgemm.offsets_range(offsets, total)
-
-
-def pad_ints(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
-    """Jagged integer values [N] -> padded [B, max_len] with zeros after each row's end (no autograd)."""
-    out = values.new_zeros(offsets.numel() - 1, max_len)
-    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff())
-    out[rows, jagged_positions(offsets, values.numel())] = values
-    return out
 
 
 class SequenceInput(nn.Module):
@@ -89,10 +76,9 @@ class SequenceInput(nn.Module):
         if not self.weight.is_meta:
             nn.init.trunc_normal_(self.weight, std=math.sqrt(1.0 / self.dim))
 
-    def forward(self, emb: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        """emb [N, D] jagged -> [N, D] jagged."""
-        pos = self.weight[jagged_positions(offsets, emb.shape[0])]
-        return self.dropout(emb * math.sqrt(self.dim) + pos)
+    def forward(self, emb: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """emb [N, D] jagged, positions [N] (each value's index in its row) -> [N, D] jagged."""
+        return self.dropout(emb * math.sqrt(self.dim) + self.weight[positions])
 
 
 class RelativeBias(nn.Module):
@@ -110,12 +96,15 @@ class RelativeBias(nn.Module):
             nn.init.normal_(self.pos_w, std=0.02)
             nn.init.normal_(self.ts_w, std=0.02)
 
-    def forward(self, buckets: torch.Tensor) -> torch.Tensor:
-        """buckets [B, L, L] (query i, key j; from `time_buckets`) -> bias [B, L, L]."""
+    def forward(self, buckets: torch.Tensor, rel: torch.Tensor | None = None) -> torch.Tensor:
+        """buckets [B, L, L] (query i, key j; from `time_buckets`), rel [L, L] (j - i + max_len - 1,
+        built here when not given) -> bias [B, L, L]."""
         length = buckets.shape[-1]
         assert length <= self.max_len, f"sequence of {length} tokens exceeds max_len {self.max_len}"
-        idx = torch.arange(length, device=buckets.device)
-        return self.pos_w[idx.unsqueeze(0) - idx.unsqueeze(1) + self.max_len - 1] + self.ts_w[buckets]
+        if rel is None:
+            idx = torch.arange(length, device=buckets.device)
+            rel = idx.unsqueeze(0) - idx.unsqueeze(1) + self.max_len - 1
+        return table_gather(self.pos_w, rel) + table_gather(self.ts_w, buckets)
 
 
 def pointwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: torch.Tensor,
@@ -125,8 +114,8 @@ def pointwise_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rab: 
 
     q, k [B, L, H, dqk], v [B, L, H, dv], rab [B, L, L] (shared by heads), causal [L, L] -> [B, L, H, dv].
     """
-    attn = F.silu(torch.einsum("bihd,bjhd->bhij", q, k) + rab.unsqueeze(1)) * (causal / n)  # [B, H, L, L]
-    return torch.einsum("bhij,bjhd->bihd", attn, v)
+    attn = F.silu(torch.einsum("bihd,bjhd->bhij", q, k) + rab.unsqueeze(1)) * causal  # [B, H, L, L]
+    return torch.einsum("bhij,bjhd->bihd", attn, v) / n
 
 
 class HSTULayer(nn.Module):
@@ -152,44 +141,50 @@ class HSTULayer(nn.Module):
         bound = 1.0 / math.sqrt(self.out_w.shape[1])
         nn.init.uniform_(self.out_b, -bound, bound)
 
-    def forward(self, x: torch.Tensor, offsets: torch.Tensor, buckets: torch.Tensor,
-                causal: torch.Tensor) -> torch.Tensor:
-        """x [N, D] jagged; offsets [B+1]; time buckets [B, L, L]; causal [L, L] bool -> [N, D] jagged."""
-        b, length = buckets.shape[:2]
+    def _attend(self, vqk: torch.Tensor, g: Group) -> torch.Tensor:
+        """One length group: jagged v|q|k [n_values, hv + 2 hqk] -> jagged A v [n_values, hv]."""
         h, hv = self.heads, self.heads * self.dv
+        dense = torch.ops.fbgemm.jagged_to_padded_dense(vqk, [g.offsets], [g.length], 0.0)  # [n, L, .]
+        v, q, k = dense.split([hv, h * self.dqk, h * self.dqk], dim=-1)
+        shape = (dense.shape[0], g.length, h, -1)
+        av = pointwise_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape),
+                                 self.rab(g.buckets, g.rel), g.causal, self.max_len)
+        return torch.ops.fbgemm.dense_to_jagged(av.reshape(dense.shape[0], g.length, hv), [g.offsets],
+                                                total_L=vqk.shape[0])[0]
+
+    def forward(self, x: torch.Tensor, layout: JaggedLayout) -> torch.Tensor:
+        """x [N, D] jagged in `layout`'s (length-grouped) value order -> [N, D], same order."""
+        hv = self.heads * self.dv
         uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=1e-6) @ self.uvqk)
         u, vqk = uvqk.split([hv, uvqk.shape[1] - hv], dim=1)
-        vqk = torch.ops.fbgemm.jagged_to_padded_dense(vqk, [offsets], [length], 0.0)  # [B, L, hv + 2 hqk]
-        v, q, k = vqk.split([hv, h * self.dqk, h * self.dqk], dim=-1)
-        shape = (b, length, h, -1)
-        av = pointwise_attention(q.reshape(shape), k.reshape(shape), v.reshape(shape), self.rab(buckets),
-                                 causal, self.max_len)
-        av = torch.ops.fbgemm.dense_to_jagged(av.reshape(b, length, hv), [offsets], total_L=x.shape[0])[0]
+        av = torch.cat([self._attend(vqk[g.start:g.end], g) for g in layout.groups])
         y = u * F.layer_norm(av, (hv,), eps=1e-6)
         return x + F.linear(self.dropout(y), self.out_w, self.out_b)
 
 
 class HSTUEncoder(nn.Module):
-    """Jagged item embeddings -> jagged HSTU outputs (not normalised: retrieval L2-normalises them)."""
+    """Jagged item embeddings -> jagged HSTU outputs (not normalised: retrieval L2-normalises them).
+
+    The batch's layout (length groups, time buckets, masks; see hstu_jagged.py) is planned once and
+    shared by every layer; the values are permuted into it on the way in and back on the way out.
+    """
 
     def __init__(self, dim: int, max_len: int, cfg: HSTUConfig, device: torch.device | None = None) -> None:
         super().__init__()
-        self.num_buckets = cfg.num_time_buckets
+        self.num_buckets, self.max_len = cfg.num_time_buckets, max_len
         self.input = SequenceInput(dim, max_len, cfg.input_dropout, device)
         self.layers = nn.ModuleList(HSTULayer(dim, max_len, cfg, device) for _ in range(cfg.num_blocks))
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
                 query_ts: torch.Tensor) -> torch.Tensor:
         """emb [N, D], timestamps/query_ts [N] (jagged, aligned), lengths [B] -> [N, D] jagged."""
-        offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
-        length = int(lengths.max()) if lengths.numel() else 0
-        query, keys = pad_ints(query_ts, offsets, length), pad_ints(timestamps, offsets, length)
-        buckets = time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), self.num_buckets)  # [B, L, L]
-        causal = torch.ones(length, length, dtype=torch.bool, device=emb.device).tril()
-        x = self.input(emb, offsets)
+        if emb.shape[0] == 0:
+            return emb
+        layout = plan(lengths, timestamps, query_ts, self.max_len, self.num_buckets)
+        x = self.input(emb[layout.perm], layout.positions)
         for layer in self.layers:
-            x = layer(x, offsets, buckets, causal)
-        return x
+            x = layer(x, layout)
+        return layout.scatter_back(x)
 
 
 @dataclass

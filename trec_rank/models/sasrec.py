@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from trec_rank.config.typed import ConfigError
-from trec_rank.models.hstu import SequenceInput
+from trec_rank.models.hstu import SequenceInput, jagged_positions
 
 
 @dataclass
@@ -83,7 +83,8 @@ class SASRecEncoder(nn.Module):
         """emb [N, D] jagged, lengths [B] -> [N, D] jagged (timestamps, query_ts: unused)."""
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
         length = int(lengths.max()) if lengths.numel() else 0
-        x = torch.ops.fbgemm.jagged_to_padded_dense(self.input(emb, offsets), [offsets], [length], 0.0)
+        x = self.input(emb, jagged_positions(offsets, emb.shape[0]))
+        x = torch.ops.fbgemm.jagged_to_padded_dense(x, [offsets], [length], 0.0)
         for block in self.blocks:
             x = block(x)
         x = torch.ops.fbgemm.dense_to_jagged(x, [offsets], total_L=emb.shape[0])[0]
