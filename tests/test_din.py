@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -165,8 +166,6 @@ def test_misaligned_histories_in_one_group_are_rejected(din_cfg) -> None:  # noq
 
 
 def test_din_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001
-    import copy
-
     cfg = copy.deepcopy(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["pairs"][1]["history"] = "hist_typo"
     with pytest.raises(ConfigError, match=r"attention\[0\]\.pairs\[1\]\.history: 'hist_typo'"):
@@ -174,6 +173,54 @@ def test_din_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001
     cfg = copy.deepcopy(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["pairs"][0]["target"] = "user_id"  # 16-d vs 32-d history
     with pytest.raises(ConfigError, match=r"pairs\[0\]: target 'user_id' \(16-d\)"):
+        build_model(cfg)
+
+
+def _with_rating_keys(din_cfg):  # noqa: ANN001, ANN202
+    cfg = copy.deepcopy(din_cfg)
+    cfg.model.params["encoder"]["attention"][0]["key_sides"] = [
+        {"history": "hist_item_id", "side": "rating", "num_values": 6}]
+    return cfg
+
+
+def test_key_sides_add_the_behaviours_rating_embedding_to_each_key(din_cfg, ml_batch: Batch) -> None:  # noqa: ANN001
+    model = materialize(build_model(_with_rating_keys(din_cfg)), CPU).eval()
+    enc = model.over.encoder
+    assert model.needs_batch  # the side column travels in the batch, in eval too
+    emb = enc.side_embeddings[0][0]
+    assert emb.weight.shape == (6, 64) and torch.equal(emb.weight, torch.zeros(6, 64))  # starts as plain DIN
+    with torch.no_grad():
+        emb.weight.normal_()
+    pooled, jagged = model.ebc(ml_batch.sparse), model.ec(ml_batch.sequence)
+    (targets, hists), unit = enc.groups[0], enc.attention[0]
+    got = enc._attend(unit, targets, hists, pooled, jagged, enc.key_sides[0], enc.side_embeddings[0], ml_batch)
+    rating = ml_batch.side["hist_item_id/rating"]
+    query = torch.cat([jagged["item_id"].values(), jagged["item_genre"].values()], dim=1)
+    keys = torch.cat([jagged["hist_item_id"].values(), jagged["hist_genre"].values()], dim=1)
+    lengths = jagged["hist_item_id"].lengths()
+    torch.testing.assert_close(got, unit(query, keys + emb.weight[rating], lengths))
+    assert not torch.allclose(got, unit(query, keys, lengths))
+    assert torch.equal(model(ml_batch)["like"], model(ml_batch)["like"])  # eval is deterministic
+
+    bad = copy.deepcopy(ml_batch)
+    bad.side["hist_item_id/rating"] = torch.full_like(rating, 6)
+    with pytest.raises(ValueError, match=r"'hist_item_id/rating': values must lie in \[0, 6\)"):
+        model(bad)
+
+
+def test_key_side_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001
+    cfg = _with_rating_keys(din_cfg)
+    cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["side"] = "mood"
+    with pytest.raises(ConfigError, match=r"attention\[0\]\.key_sides\[0\]\.side: 'hist_item_id' has no side "
+                                          r"'mood' in the schema \(its sides: rating, timestamp\)"):
+        build_model(cfg)
+    cfg = _with_rating_keys(din_cfg)
+    cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["history"] = "pos_item_id"
+    with pytest.raises(ConfigError, match=r"key_sides\[0\]\.history: 'pos_item_id' is not a history of this"):
+        build_model(cfg)
+    cfg = _with_rating_keys(din_cfg)
+    cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["num_values"] = 0
+    with pytest.raises(ConfigError, match=r"key_sides\[0\]\.num_values: must be >= 1"):
         build_model(cfg)
 
 

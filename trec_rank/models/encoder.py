@@ -39,12 +39,30 @@ class FeaturePair:
 
 
 @dataclass
+class KeySide:
+    """A side column of a history (e.g. the behaviour's own rating) as side information of the key:
+    values in [0, num_values) look up a small learned embedding of the key's width that is added to
+    key_j. The query (the candidate) has no such value, so the unit can weigh a liked and a disliked
+    similar behaviour differently, and the pooled output carries what the user thought of them."""
+
+    history: str
+    side: str
+    num_values: int
+
+    def post_load(self, key: str) -> None:
+        if self.num_values < 1:
+            raise ConfigError(f"{key}.num_values: must be >= 1, got {self.num_values}")
+
+
+@dataclass
 class AttentionGroup:
-    """Histories attended together: query = concat(target embs), key_j = concat(history embs at j).
-    The histories must be aligned element by element (e.g. hist_item_id and hist_genre)."""
+    """Histories attended together: query = concat(target embs), key_j = concat(history embs at j)
+    (+ the key-side embeddings). The histories must be aligned element by element (e.g.
+    hist_item_id and hist_genre)."""
 
     pairs: list[FeaturePair]
     unit: AttentionParams = field(default_factory=AttentionParams)
+    key_sides: list[KeySide] = field(default_factory=list)
 
     def post_load(self, key: str) -> None:
         if not self.pairs:
@@ -57,6 +75,14 @@ class EncoderParams:
     attention: list[AttentionGroup] = field(default_factory=list)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     l2: L2Params = field(default_factory=L2Params)
+
+
+class SideEmbedding(nn.Embedding):
+    """A key-side embedding that starts at zero: the model starts as plain DIN (nn.Embedding's
+    N(0, 1) would swamp item rows initialised at ~1/sqrt(rows)) and learns the side's offsets."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
 
 
 class Encoded(NamedTuple):
@@ -79,6 +105,12 @@ class FeatureEncoder(nn.Module):
         self.attention = nn.ModuleList(
             [TargetAttention(sum(self.dims[h] for h in hists), g.unit, device)
              for (_, hists), g in zip(self.groups, params.attention, strict=True)])
+        self.key_sides = [[self._check_side(s, hists, schema, f"{KEY}.attention[{i}].key_sides[{j}]")
+                           for j, s in enumerate(g.key_sides)]
+                          for i, ((_, hists), g) in enumerate(zip(self.groups, params.attention, strict=True))]
+        self.side_embeddings = nn.ModuleList(
+            [nn.ModuleList([SideEmbedding(s.num_values, unit.dim, device=device) for s in g.key_sides])
+             for unit, g in zip(self.attention, params.attention, strict=True)])
         self.out_dim = (pooled_dim(schema) + sum(self.dims[n] for n in self.pooled_ec)
                         + sum(a.dim for a in self.attention) + len(schema.dense))
         self.fb_params, self.feedback = params.feedback, None
@@ -91,8 +123,9 @@ class FeatureEncoder(nn.Module):
 
     @property
     def needs_batch(self) -> bool:
-        """Aux losses need the batch in training: ids for the L2, row weights to skip padding rows."""
-        return self.l2 is not None or self.feedback is not None
+        """Aux losses need the batch in training (ids for the L2, row weights to skip padding rows);
+        key sides read the side columns it carries, in eval too."""
+        return self.l2 is not None or self.feedback is not None or any(self.key_sides)
 
     def _feature(self, name: str, key: str) -> str:
         if name not in self.dims:
@@ -112,11 +145,22 @@ class FeatureEncoder(nn.Module):
                                   f"({self.dims[h]}-d) need one embedding width")
         return targets, hists
 
+    def _check_side(self, side: KeySide, hists: list[str], schema, key: str) -> tuple[str, int]:  # noqa: ANN001
+        """-> (the Batch.side key "<history>/<side>", num_values)."""
+        if side.history not in hists:
+            raise ConfigError(f"{key}.history: '{side.history}' is not a history of this group "
+                              f"({', '.join(hists)})")
+        known = schema.feature(side.history).side
+        if side.side not in known:
+            raise ConfigError(f"{key}.side: '{side.history}' has no side '{side.side}' in the schema "
+                              f"(its sides: {', '.join(sorted(known)) or 'none'})")
+        return f"{side.history}/{side.side}", side.num_values
+
     def _build_feedback(self, p: FeedbackParams, device: torch.device) -> ExplicitFeedback:
         key = f"{KEY}.feedback"
         for i, name in enumerate(p.user):
             self._feature(name, f"{key}.user[{i}]")
-        for role in ("history", "positive", "negative"):
+        for role in ("history", "positive", "negative") if p.history else ("positive", "negative"):
             if self._feature(getattr(p, role), f"{key}.{role}") not in self.ec_names:
                 raise ConfigError(f"{key}.{role}: '{getattr(p, role)}' must be looked up by the "
                                   "EmbeddingCollection")
@@ -124,8 +168,12 @@ class FeatureEncoder(nn.Module):
         for role in ("positive", "negative"):
             if self.dims[getattr(p, role)] != item_dim:
                 raise ConfigError(f"{key}.{role}: needs the target's embedding width {item_dim}")
-        user_dim = sum(self.dims[n] for n in p.user) + self.dims[p.history]
+        user_dim = sum(self.dims[n] for n in self._user_inputs(p))
         return ExplicitFeedback(user_dim, item_dim, p, device)
+
+    @staticmethod
+    def _user_inputs(p: FeedbackParams) -> list[str]:
+        return [*p.user, p.history] if p.history else list(p.user)
 
     def _embed(self, name: str, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None
                ) -> torch.Tensor:
@@ -135,32 +183,46 @@ class FeatureEncoder(nn.Module):
         return pooled[name]
 
     def _attend(self, unit: TargetAttention, targets: list[str], hists: list[str], pooled: KeyedTensor | None,
-                jagged: dict[str, JaggedTensor]) -> torch.Tensor:
+                jagged: dict[str, JaggedTensor], sides: list[tuple[str, int]] | None = None,
+                side_embs: nn.ModuleList | None = None, batch: Batch | None = None) -> torch.Tensor:
         lengths = jagged[hists[0]].lengths()
         for h in hists[1:]:
             if not torch.equal(jagged[h].lengths(), lengths):
                 raise ValueError(f"attention histories '{hists[0]}' and '{h}' are not aligned "
                                  "(different lengths in some row); they must be parallel lists")
         query = torch.cat([self._embed(t, pooled, jagged) for t in targets], dim=1)
-        keys = torch.cat([jagged[h].values() for h in hists], dim=1)
+        keys = torch.cat([jagged[h].values() for h in hists], dim=1)  # [N, dim], jagged
+        for (name, n), emb in zip(sides or [], side_embs or [], strict=True):
+            keys = keys + emb(self._side_values(name, n, keys.shape[0], batch))
         return unit(query, keys, lengths)
+
+    @staticmethod
+    def _side_values(name: str, num_values: int, n: int, batch: Batch | None) -> torch.Tensor:
+        """The side column [N] aligned with the history's jagged values, checked against num_values."""
+        if batch is None or name not in batch.side:
+            raise ValueError(f"attention key side '{name}' is missing from the batch (is it declared as a "
+                             "side column of the history in the schema?)")
+        values = batch.side[name].long()
+        assert values.shape[0] == n, f"side '{name}' has {values.shape[0]} values for {n} behaviours"
+        if n and (values.min() < 0 or values.max() >= num_values):
+            raise ValueError(f"attention key side '{name}': values must lie in [0, {num_values}) "
+                             f"(num_values), got [{int(values.min())}, {int(values.max())}]")
+        return values
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None, dense: torch.Tensor,
                 batch: Batch | None = None) -> Encoded:
         parts = [] if pooled is None else [pooled_values(pooled, self.pooled_names)]
         parts += [pool(jagged[n], self.pooling[n]) for n in self.pooled_ec]
-        for unit, (targets, hists) in zip(self.attention, self.groups, strict=True):
-            parts.append(self._attend(unit, targets, hists, pooled, jagged))
+        for unit, (targets, hists), sides, embs in zip(self.attention, self.groups, self.key_sides,
+                                                       self.side_embeddings, strict=True):
+            parts.append(self._attend(unit, targets, hists, pooled, jagged, sides, embs, batch))
         parts.append(dense)
         aux = []
         if self.feedback is not None:
             p = self.fb_params
-            user_in = torch.cat([self._embed(n, pooled, jagged) for n in [*p.user, p.history]], dim=1)
-            feature, fb_aux = self.feedback(
-                user_in, self._embed(p.target, pooled, jagged),
-                pool(jagged[p.positive], "mean"), jagged[p.positive].lengths(),
-                pool(jagged[p.negative], "mean"), jagged[p.negative].lengths(),
-                None if batch is None else batch.weights)
+            user_in = torch.cat([self._embed(n, pooled, jagged) for n in self._user_inputs(p)], dim=1)
+            feature, fb_aux = self.feedback(user_in, self._embed(p.target, pooled, jagged), jagged[p.positive],
+                                            jagged[p.negative], None if batch is None else batch.weights)
             parts.append(feature)
             if fb_aux is not None:
                 aux.append(fb_aux)

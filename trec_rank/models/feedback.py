@@ -2,15 +2,22 @@
 
 Clicks say what a user looked at, ratings say what they liked: the positive history p (items rated
 >= 4) and the negative history n (rated <= 2) are two views the ranking loss alone uses only
-weakly. A user vector u = MLP(user features, pooled full history) is pulled towards the pooled
-positives and pushed away from the pooled negatives:
+weakly. A user vector u = MLP(user features[, pooled full history]) is pulled towards the positives
+and pushed away from the negatives:
 
-    aux = weight * ( mean_{rows with p} -log sigmoid(s(u, p) / tau)
-                   + mean_{rows with n} -log sigmoid(-s(u, n) / tau) )
+    pooling "mean":  aux = weight * ( mean_{rows with p} -log sigmoid( s(u, mean_j p_j) / tau)
+                                    + mean_{rows with n} -log sigmoid(-s(u, mean_j n_j) / tau) )
+    pooling "items": the same with the pooled similarity replaced by the row's mean over its items,
+                     mean_j -log sigmoid(s(u, p_j) / tau) (and likewise for n): every rated item is
+                     one comparison, so a mixed history is not averaged into one blurred vector.
 
 with s = cosine or dot similarity. Rows with an empty p (or n) contribute no term for it. The
-target item's similarity s(u, target) then enters the ranking head as one extra feature, so the
-ranking task reads the preference direction the auxiliary task shaped.
+target item's similarity s(u, target) then enters the ranking head as one extra feature: the
+candidate only needs to be close to u to look like the positives.
+
+`table_grad_scale` scales the aux gradient that reaches the looked-up embeddings (the shared item
+and user tables; 0 keeps it off them, 1 is the plain sum of losses); the user tower always gets the
+full aux gradient, and the ranking loss's gradient through s(u, target) is never scaled.
 """
 
 from __future__ import annotations
@@ -21,16 +28,19 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from trec_rank.config.typed import ConfigError
+from trec_rank.models.embeddings import pool, segment_ids
 from trec_rank.models.layers import MLP
 
 
 @dataclass
 class FeedbackParams:
     """Switch `enabled` off for the ablation. Feature names refer to the schema: `user` features
-    (any sparse ones), `history` (all behaviours), `positive`/`negative` sequences and the `target`
-    item, which must share the positive/negative table's embedding width."""
+    (any sparse ones), `history` (all behaviours, mean pooled into u; empty: u from the user
+    features only), `positive`/`negative` sequences and the `target` item, which must share the
+    positive/negative table's embedding width."""
 
     enabled: bool = False
     user: list[str] = field(default_factory=list)
@@ -40,19 +50,25 @@ class FeedbackParams:
     target: str = ""
     hidden: list[int] = field(default_factory=lambda: [64])
     similarity: Literal["cosine", "dot"] = "cosine"
+    pooling: Literal["mean", "items"] = "mean"
     tau: float = 0.5
     weight: float = 0.1
+    table_grad_scale: float = 1.0
 
     def post_load(self, key: str) -> None:
         if not self.enabled:
             return
-        for name in ("history", "positive", "negative", "target"):
+        for name in ("positive", "negative", "target"):
             if not getattr(self, name):
                 raise ConfigError(f"{key}.{name}: required when feedback is enabled")
+        if not self.user and not self.history:
+            raise ConfigError(f"{key}.user: u needs user features or a history")
         if self.tau <= 0:
             raise ConfigError(f"{key}.tau: must be > 0, got {self.tau}")
         if self.weight < 0:
             raise ConfigError(f"{key}.weight: must be >= 0, got {self.weight}")
+        if not 0.0 <= self.table_grad_scale <= 1.0:
+            raise ConfigError(f"{key}.table_grad_scale: must be in [0, 1], got {self.table_grad_scale}")
 
 
 def similarity(u: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
@@ -60,6 +76,13 @@ def similarity(u: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "cosine":
         return F.cosine_similarity(u, x, dim=-1, eps=1e-8)
     return (u * x).sum(dim=-1)
+
+
+def scale_grad(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """x in the forward pass, scale * dL/dx in the backward pass."""
+    if scale == 1.0:
+        return x
+    return x * scale + x.detach() * (1.0 - scale)
 
 
 def feedback_loss(s_pos: torch.Tensor, has_pos: torch.Tensor, s_neg: torch.Tensor, has_neg: torch.Tensor,
@@ -72,8 +95,20 @@ def feedback_loss(s_pos: torch.Tensor, has_pos: torch.Tensor, s_neg: torch.Tenso
     return pos + neg
 
 
+def item_feedback_term(u: torch.Tensor, items: torch.Tensor, lengths: torch.Tensor, live: torch.Tensor,
+                       sign: float, kind: str, tau: float) -> torch.Tensor:
+    """mean over live rows with items of (mean over the row's items j of -log sigmoid(sign s(u, x_j)/tau)).
+
+    u [B, D]; items [N, D] jagged with lengths [B]; live [B] float (0 = padding row)."""
+    rows = segment_ids(lengths)
+    per_item = -F.logsigmoid(sign * similarity(u[rows], items, kind) / tau)  # [N]
+    weight = (live / lengths.clamp(min=1).to(u.dtype))[rows]  # each row's items sum to its live flag
+    has = (lengths > 0).to(u.dtype) * live
+    return (per_item * weight).sum() / has.sum().clamp(min=1.0)
+
+
 class ExplicitFeedback(nn.Module):
-    """user_in [B, user_dim] (user features + pooled history) -> u [B, D] in the item space."""
+    """user_in [B, user_dim] (user features [+ pooled history]) -> u [B, D] in the item space."""
 
     def __init__(self, user_dim: int, item_dim: int, params: FeedbackParams,
                  device: torch.device | None = None) -> None:
@@ -85,18 +120,28 @@ class ExplicitFeedback(nn.Module):
     def user_vector(self, user_in: torch.Tensor) -> torch.Tensor:
         return self.proj(self.mlp(user_in))
 
-    def forward(self, user_in: torch.Tensor, target: torch.Tensor, pos: torch.Tensor,
-                pos_lengths: torch.Tensor, neg: torch.Tensor, neg_lengths: torch.Tensor,
+    def forward(self, user_in: torch.Tensor, target: torch.Tensor, pos: JaggedTensor, neg: JaggedTensor,
                 row_weights: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(s(u, target) [B, 1] for the ranking head, weighted aux loss or None outside training).
 
-        pos/neg: pooled [B, D] (zeros for empty rows); *_lengths [B]; row_weights [B] (0 = padding)."""
+        pos/neg: the jagged positive/negative sequences ([N, D] values, lengths [B]); row_weights [B]
+        (0 = padding)."""
+        p = self.params
         u = self.user_vector(user_in)
-        feature = similarity(u, target, self.params.similarity).unsqueeze(1)
+        feature = similarity(u, target, p.similarity).unsqueeze(1)
         if not self.training:
             return feature, None
-        live = 1.0 if row_weights is None else (row_weights > 0).to(u.dtype)
-        kind = self.params.similarity
-        aux = feedback_loss(similarity(u, pos, kind), (pos_lengths > 0).to(u.dtype) * live,
-                            similarity(u, neg, kind), (neg_lengths > 0).to(u.dtype) * live, self.params.tau)
-        return feature, self.params.weight * aux
+        g = p.table_grad_scale
+        u_aux = u if g == 1.0 else self.user_vector(scale_grad(user_in, g))
+        live = u.new_ones(u.shape[0]) if row_weights is None else (row_weights > 0).to(u.dtype)
+        if p.pooling == "items":
+            aux = (item_feedback_term(u_aux, scale_grad(pos.values(), g), pos.lengths(), live, 1.0,
+                                      p.similarity, p.tau)
+                   + item_feedback_term(u_aux, scale_grad(neg.values(), g), neg.lengths(), live, -1.0,
+                                        p.similarity, p.tau))
+        else:
+            s_pos = similarity(u_aux, scale_grad(pool(pos, "mean"), g), p.similarity)
+            s_neg = similarity(u_aux, scale_grad(pool(neg, "mean"), g), p.similarity)
+            aux = feedback_loss(s_pos, (pos.lengths() > 0).to(u.dtype) * live,
+                                s_neg, (neg.lengths() > 0).to(u.dtype) * live, p.tau)
+        return feature, p.weight * aux
