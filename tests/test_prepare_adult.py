@@ -43,7 +43,10 @@ def test_rows_split_and_label_rates(parts: dict) -> None:
 
 def test_no_leak_columns_and_train_standardized(parts: dict) -> None:
     for t in parts.values():
-        assert not [c for c in t.column_names if "marital" in c or "relationship" in c]
+        assert not [c for c in t.column_names if "marital" in c]  # the label's source never ships
+        assert t.schema.field("relationship").type == pa.int64()  # kept: an ordinary survey answer
+        both = _col(t, "never_married") * _col(t, "income")
+        assert np.array_equal(_col(t, "never_married_and_income"), both)  # ESMM's click AND conversion
     train = parts["train"]
     for name in ("age", "fnlwgt", "capital_gain", "hours_per_week"):
         x = _col(train, f"{name}_f")
@@ -51,6 +54,12 @@ def test_no_leak_columns_and_train_standardized(parts: dict) -> None:
         assert abs(float(x.mean())) < 1e-3 and abs(float(x.std()) - 1) < 1e-3
     counts = np.bincount(_col(train, "age_b"), minlength=10)
     assert len(counts) == 10 and counts.min() > 0.05 * train.num_rows  # real quantile buckets
+    for name in ("capital_gain", "capital_loss"):  # id 0 exactly for zero, fine ids for the amounts
+        ids, zero = _col(train, f"{name}_b"), _col(train, f"{name}_f") == _col(train, f"{name}_f").min()
+        assert np.array_equal(ids == 0, zero) and 0.03 < zero.mean() < 0.97
+        assert len(np.unique(ids)) > 30 and ids.max() <= 100
+        order = np.argsort(_col(train, f"{name}_f"), kind="stable")
+        assert (np.diff(ids[order]) >= 0).all()  # buckets are monotone in the amount
 
 
 def test_config_loads_and_ids_fit(parts: dict) -> None:
@@ -58,6 +67,7 @@ def test_config_loads_and_ids_fit(parts: dict) -> None:
     assert raw["data"]["path"] == "data/adult/adult"
     schema = from_dict(Schema, raw["schema"])
     assert {f.name for f in schema.labels} == {"income", "never_married"}
+    assert "relationship" in {f.name for f in schema.of_kind("sparse")}
     for t in parts.values():
         for f in schema.features:
             assert f.column in t.column_names
