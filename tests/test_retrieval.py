@@ -202,8 +202,10 @@ def test_train_resume_and_eval_cli(seq_dir: Path, tmp_path: Path, caplog: pytest
     resumed = cli.train(CONFIG, tiny(seq_dir, "train.max_steps=4"), str(tmp_path / "b"), resume=True)
     assert resumed["valid"] == straight["valid"] and resumed["test"] == straight["test"]
     saved = json.loads((tmp_path / "a" / "metrics.json").read_text())
+    assert sorted(saved) == ["test", "valid"]  # {"<split>": {...}} only, as ranking runs write it
     assert saved["valid"]["users"] == saved["test"]["users"] == 943
-    assert saved["best"] == {"epoch": 0, "step": 4}
+    best = json.loads((tmp_path / "a" / "best.json").read_text())
+    assert (best["epoch"], best["step"], best["checkpoint"]) == (0, 4, "best/step-00000004")
     assert 0 < saved["test"]["hr@200"] <= 1 and saved["test"]["ndcg@10"] <= saved["test"]["hr@10"]
     history = [json.loads(line) for line in (tmp_path / "b" / "metrics_history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history] == [2, 4]
@@ -211,6 +213,32 @@ def test_train_resume_and_eval_cli(seq_dir: Path, tmp_path: Path, caplog: pytest
     assert evaluated["valid"] == straight["valid"]
     with pytest.raises(ValueError, match="another item table/model"):
         cli.evaluate(CONFIG, tiny(seq_dir, "item.embedding_dim=8"), str(tmp_path / "a"), None)
+
+
+@pytest.mark.parametrize("learns", [False, True])
+def test_best_checkpoint_survives_rotation_and_reproduces_the_reported_metrics(
+        seq_dir: Path, tmp_path: Path, learns: bool) -> None:
+    """keep_checkpoints=1 over 3 epochs: checkpoints/ holds only the last epoch, best/ the best valid epoch.
+
+    With both learning rates 0 every epoch scores the same, so the best (first strict maximum) is
+    epoch 1 and the rotation has removed it from checkpoints/; with learning, whichever epoch won.
+    """
+    lr = [] if learns else ["train.optim.sparse_lr=0.0", "train.optim.dense_lr=0.0"]
+    run = tmp_path / "run"
+    metrics = cli.train(CONFIG, tiny(seq_dir, "train.epochs=3", "train.patience=0", "train.keep_checkpoints=1",
+                                     *lr), str(run), resume=False)
+    history = [json.loads(line) for line in (run / "metrics_history.jsonl").read_text().splitlines()]
+    best = json.loads((run / "best.json").read_text())
+    winner = max(history, key=lambda h: (h["valid"]["ndcg@10"], -h["epoch"]))
+    assert (best["epoch"], best["step"]) == (winner["epoch"], winner["step"])
+    assert metrics == {"valid": winner["valid"], "test": winner["test"]}
+    assert [p.name for p in (run / "checkpoints").glob("step-*")] == [f"step-{history[-1]['step']:08d}"]
+    assert [p.name for p in (run / "best").glob("step-*")] == [f"step-{best['step']:08d}"]
+    if not learns:
+        assert best["epoch"] == 1 and history[-1]["epoch"] == 3
+    again = cli.evaluate(CONFIG, tiny(seq_dir), str(run / best["checkpoint"]), str(tmp_path / "eval"))
+    for split in ("valid", "test"):
+        assert again[split] == pytest.approx(metrics[split], rel=1e-6, abs=1e-9)
 
 
 def test_two_ranks_under_torchrun(seq_dir: Path, tmp_path: Path) -> None:

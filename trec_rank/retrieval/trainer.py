@@ -10,6 +10,12 @@ Every rank runs the same number of steps (the readers pad with zero-weight batch
 stop decision uses values all ranks share (all-reduced losses and metrics), so no rank waits in
 a collective another rank skipped. Test metrics are computed at every evaluation but never drive
 a decision: the run reports the test metrics of the epoch with the best validation metric.
+
+Outputs in RUN_DIR: metrics.json `{"valid": {...}, "test": {...}}` (the best validation epoch's
+metrics, the same format as ranking runs), best.json (which epoch/step that was, and its
+checkpoint), metrics_history.jsonl (every evaluation), checkpoints/ (the latest
+`keep_checkpoints`, rotated) and best/ (the best validation epoch's checkpoint, saved when it is
+reached and never removed by the rotation, so it can be evaluated or scored after the run).
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from trec_rank.train import checkpoint
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("valid", "test")
+BEST_DIR = "best"  # RUN_DIR/best/step-N: the best validation epoch's checkpoint
 
 
 def data_path(cfg: RetrievalConfig) -> Path:
@@ -95,12 +102,24 @@ class RetrievalTrainer:
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
+        return self.save_to(self.run_dir / "checkpoints", self.cfg.train.keep_checkpoints)
+
+    def save_to(self, root: Path, keep: int) -> Path:
         state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
                  "bad_epochs": self.bad_epochs, "best": self.best, "world_size": self.env.world_size,
                  "fingerprint": self.cfg.fingerprint(), "kind": "retrieval", "config": to_dict(self.cfg)}
         self.saved_step = self.step
-        return checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
-                               self.cfg.train.keep_checkpoints)
+        return checkpoint.save(root, self.step, self.model, self.optimizer, state, keep)
+
+    def save_best(self) -> Path:
+        """The best validation epoch's checkpoint, outside checkpoints/ so rotation never removes it."""
+        path = self.save_to(self.run_dir / BEST_DIR, keep=1)
+        if self.env.is_main:
+            best = {"epoch": self.best["epoch"], "step": self.best["step"],
+                    "checkpoint": str(path.relative_to(self.run_dir)),
+                    "early_stop_metric": self.cfg.eval.early_stop_metric}
+            (self.run_dir / "best.json").write_text(json.dumps(best, indent=1, sort_keys=True))
+        return path
 
     def resume(self, ckpt: Path) -> None:
         state = checkpoint.read_state(ckpt)
@@ -119,10 +138,13 @@ class RetrievalTrainer:
         return {s: evaluate_split(self.model.module, r, self.corpus, self.cfg.eval.ks, self.env.device)
                 for s, r in self.eval_readers.items()}
 
-    def _track(self, results: dict[str, dict[str, float]]) -> None:
-        """Early-stopping bookkeeping on the validation metric (identical on all ranks: all-reduced)."""
+    def _track(self, results: dict[str, dict[str, float]]) -> bool:
+        """Early-stopping bookkeeping on the validation metric (identical on all ranks: all-reduced).
+
+        Returns whether this evaluation is the new best."""
         key = self.cfg.eval.early_stop_metric
-        if not self.best or results["valid"][key] > self.best["valid"][key]:
+        improved = not self.best or results["valid"][key] > self.best["valid"][key]
+        if improved:
             self.best, self.bad_epochs = {"epoch": self.epoch, "step": self.step, **results}, 0
         else:
             self.bad_epochs += 1
@@ -133,6 +155,7 @@ class RetrievalTrainer:
                      self.best["valid"][key], self.best["epoch"])
             with open(self.run_dir / "metrics_history.jsonl", "a") as f:
                 f.write(json.dumps({"epoch": self.epoch, "step": self.step, **results}) + "\n")
+        return improved
 
     # ---- training ---------------------------------------------------------------------------
     def _batches(self) -> Iterator[RetrievalBatch]:
@@ -179,17 +202,18 @@ class RetrievalTrainer:
         while self.epoch < self.cfg.train.epochs and not self._step_limit_hit() and not self._stopped_early():
             if self._train_epoch():
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            self._track(self.evaluate())
+            if self._track(self.evaluate()):
+                self.save_best()
             self.save()
         if self._stopped_early() and self.env.is_main:
             log.info("early stop: no better valid %s for %d evaluations", self.cfg.eval.early_stop_metric,
                      self.bad_epochs)
         if not self.best:  # resumed a finished run: evaluate what the checkpoint holds
             self._track(self.evaluate())
+            self.save_best()
         if self.saved_step != self.step:
             self.save()
-        results = {"valid": self.best["valid"], "test": self.best["test"],
-                   "best": {"epoch": self.best["epoch"], "step": self.best["step"]}}
+        results = {"valid": self.best["valid"], "test": self.best["test"]}
         if self.env.is_main:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
         return results
