@@ -47,10 +47,16 @@ class AttentionParams:
             raise ConfigError(f"{key}.outer_dim: must be >= 0, got {self.outer_dim}")
 
 
+def term_dim(params: AttentionParams, term: Interaction, dim: int) -> int:
+    """Width of one interaction term for query/key width `dim`."""
+    if term != "outer":
+        return dim
+    return params.outer_dim if params.outer_dim > 0 else dim * dim
+
+
 def interaction_dim(params: AttentionParams, dim: int) -> int:
     """Width of the activation unit's input for query/key width `dim`."""
-    outer = params.outer_dim if params.outer_dim > 0 else dim * dim
-    return sum(outer if term == "outer" else dim for term in params.interaction)
+    return sum(term_dim(params, term, dim) for term in params.interaction)
 
 
 def segment_softmax(scores: torch.Tensor, segments: torch.Tensor, num_segments: int) -> torch.Tensor:
@@ -93,16 +99,63 @@ class TargetAttention(nn.Module):
                 terms.append((q.unsqueeze(2) * k.unsqueeze(1)).flatten(1))
         return torch.cat(terms, dim=1)
 
-    def weights(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def _first_layer(self, first: nn.Linear, query: torch.Tensor, keys: torch.Tensor,
+                     segments: torch.Tensor) -> torch.Tensor:
+        """first(interaction(query[segments], keys)) -> [N, out], computed factorised.
+
+        The layer is linear in its input, so W [q; k; q - k; q * k] + b =
+        (W_q + W_d) q + b  +  (W_k - W_d) k  +  W_p (q * k): the query-only part is computed once per
+        row [B] and gathered, not once per behaviour [N], and the [N, 4D] concatenation is never built.
+        Same parameters (the Linear's weight, sliced by term), same function up to float rounding;
+        tests/test_speed_equivalence.py compares it with the concatenated form."""
+        w, d = first.weight, self.dim
+        per_row = w.new_zeros(w.shape[0], d)  # [H, D], applied to the query once per row
+        per_key = w.new_zeros(w.shape[0], d)  # [H, D], applied to every behaviour's key
+        q_seg = query[segments] if {"prod", "outer"} & set(self.params.interaction) else None
+        extra = []  # (per-behaviour input [N, *], its weight slice [H, *])
+        offset = 0
+        for term in self.params.interaction:
+            part = w[:, offset:offset + term_dim(self.params, term, d)]
+            offset += part.shape[1]
+            if term == "query":
+                per_row = per_row + part
+            elif term == "key":
+                per_key = per_key + part
+            elif term == "diff":
+                per_row, per_key = per_row + part, per_key - part
+            elif term == "prod":
+                extra.append((q_seg * keys, part))
+            elif self.bilinear is not None:
+                extra.append((self.bilinear(q_seg, keys), part))
+            else:
+                extra.append(((q_seg.unsqueeze(2) * keys.unsqueeze(1)).flatten(1), part))
+        h = torch.addmm(first.bias, query, per_row.t())[segments].addmm_(keys, per_key.t())
+        for x, part in extra:
+            h = h.addmm_(x, part.t())
+        return h
+
+    def _scores(self, query: torch.Tensor, keys: torch.Tensor, segments: torch.Tensor) -> torch.Tensor:
+        """Unnormalised scores [N]: the MLP (its first Linear factorised) and the score layer."""
+        if not self.params.hidden:  # no hidden layer: the score layer is the one over the interaction
+            return self._first_layer(self.score, query, keys, segments).squeeze(-1)
+        layers = list(self.mlp.net)
+        h = self._first_layer(layers[0], query, keys, segments)
+        for layer in layers[1:]:
+            h = layer(h)
+        return self.score(h).squeeze(-1)
+
+    def weights(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
+                segments: torch.Tensor | None = None) -> torch.Tensor:
         """Jagged attention weights [N] aligned with `keys` (lengths [B] cut them into rows)."""
-        segments = segment_ids(lengths)
-        scores = self.score(self.mlp(self.interaction(query[segments], keys))).squeeze(-1)
+        segments = segment_ids(lengths) if segments is None else segments
+        scores = self._scores(query, keys, segments)
         if self.params.attention_norm == "softmax":
             return segment_softmax(scores, segments, lengths.numel())
         return scores
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """sum_j w_j k_j per row; rows without behaviours get zeros."""
-        w = self.weights(query, keys, lengths)
+        segments = segment_ids(lengths)
+        w = self.weights(query, keys, lengths, segments)
         out = torch.zeros(lengths.numel(), keys.shape[1], dtype=keys.dtype, device=keys.device)
-        return out.index_add(0, segment_ids(lengths), w.unsqueeze(1) * keys)
+        return out.index_add(0, segments, w.unsqueeze(1) * keys)

@@ -67,6 +67,8 @@ def average_buffers(model: torch.nn.Module) -> None:
 
 
 def _all_true(flag: bool, device: torch.device) -> bool:
+    if dist.get_world_size() == 1:  # nothing to agree with: skip the per-step collective
+        return flag
     t = torch.tensor([1.0 if flag else 0.0], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return bool(t.item() > 0)
