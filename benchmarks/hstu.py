@@ -9,8 +9,11 @@ Stages, each timed for both implementations, interleaved round by round so machi
 Peak memory: each (implementation, stage) runs in its own subprocess; the figure is the growth of
 the process's peak RSS over its setup (model and batch built, nothing run yet).
 The padded baseline is `trec_rank/retrieval/padded.py` (tests check it computes the same values).
+`--lengths reference` swaps the batch for the one the ~1.1 s reference figure was measured on
+(input lengths U[10, 200], mean ~105, ids over 3,706 items), for a like-for-like ratio to it.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hstu.py --rounds 5 --steps 3
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/hstu.py --rounds 5 --steps 3 --lengths reference
 """
 
 from __future__ import annotations
@@ -24,29 +27,45 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from trec_rank.models.embeddings import materialize
 from trec_rank.retrieval.batch import NegativeSampler, RetrievalBatch, train_batch
 from trec_rank.retrieval.config import load_retrieval_config
-from trec_rank.retrieval.data import SplitReader, read_sequences
+from trec_rank.retrieval.data import SplitReader, Window, read_sequences
 from trec_rank.retrieval.model import RetrievalModel, build_retrieval_model, next_item_split, normalize
 from trec_rank.retrieval.padded import gathered_sampled_softmax, padded_hstu
 from trec_rank.retrieval.trainer import data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_STEP_S = 1.1  # the reference research code's full step at this shape on this machine (notes, section 5)
+REFERENCE_ITEMS = 3706  # that measurement's corpus (ML-1M) and lengths U[10, 200]: `--lengths reference`
 IMPLS = ("jagged", "padded")
 STAGES = ("forward", "fwd+bwd", "train step")
 SHAPE = ["data.batch_size=64", "data.max_seq_len=200", "item.embedding_dim=64", "loss.num_negatives=128",
          "model.params={num_blocks: 2, num_heads: 1, dqk: 64, dv: 64}"]
 
 
-def setup(seed: int = 0) -> tuple[RetrievalModel, RetrievalBatch, torch.optim.Optimizer]:
-    cfg = load_retrieval_config(ROOT / "configs/ml100k_hstu.yaml", SHAPE)
-    seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
-    sampler = NegativeSampler(seqs.corpus(), cfg.loss.num_negatives, "uniform", cfg.item.num_embeddings, seed)
-    _, window = next(SplitReader(seqs, "train", cfg, cfg.data.batch_size, 0, 1, shuffle=True).batches(0))
+def synthetic_window(rng: np.random.Generator, batch: int, items: int) -> Window:
+    """The reference measurement's batch: input lengths U[10, 200] (+1 target token), ids U[1, items]."""
+    lengths = rng.integers(10, 201, size=batch) + 1
+    ts = np.concatenate([np.cumsum(rng.integers(1, 10**6, size=n)) for n in lengths])
+    return Window(rng.integers(1, items + 1, size=int(lengths.sum())), ts, lengths, np.arange(batch), 1.0)
+
+
+def setup(seed: int = 0, lengths: str = "ml-100k") -> tuple[RetrievalModel, RetrievalBatch, torch.optim.Optimizer]:
+    """The model and one batch: real ml-100k training windows, or `reference` (U[10, 200], 3,706 items)."""
+    extra = [f"item.num_embeddings={REFERENCE_ITEMS + 1}"] if lengths == "reference" else []
+    cfg = load_retrieval_config(ROOT / "configs/ml100k_hstu.yaml", SHAPE + extra)
+    if lengths == "reference":
+        window = synthetic_window(np.random.default_rng(seed), 64, REFERENCE_ITEMS)
+        corpus = np.arange(1, REFERENCE_ITEMS + 1)
+    else:
+        seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
+        _, window = next(SplitReader(seqs, "train", cfg, cfg.data.batch_size, 0, 1, shuffle=True).batches(0))
+        corpus = seqs.corpus()
+    sampler = NegativeSampler(corpus, cfg.loss.num_negatives, "uniform", cfg.item.num_embeddings, seed)
     torch.manual_seed(seed)
     model = materialize(build_retrieval_model(cfg), torch.device("cpu")).train()
     return model, train_batch(window, sampler, 0, 0, 0), torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -96,8 +115,8 @@ def stage_fn(impl: str, stage: str, model: RetrievalModel, batch: RetrievalBatch
     return {"forward": forward, "fwd+bwd": fwd_bwd, "train step": step}[stage]
 
 
-def time_all(rounds: int, steps: int) -> dict[tuple[str, str], list[float]]:
-    model, batch, opt = setup()
+def time_all(rounds: int, steps: int, lengths: str) -> dict[tuple[str, str], list[float]]:
+    model, batch, opt = setup(lengths=lengths)
     fns = {(i, s): stage_fn(i, s, model, batch, opt) for s in STAGES for i in IMPLS}
     times: dict[tuple[str, str], list[float]] = {k: [] for k in fns}
     for _ in range(rounds):
@@ -110,12 +129,12 @@ def time_all(rounds: int, steps: int) -> dict[tuple[str, str], list[float]]:
     return times
 
 
-def peak_rss_mib(impl: str, stage: str) -> float:
-    """Peak RSS growth of `steps` iterations over the setup, in a fresh process (MiB)."""
-    code = ("import resource,sys; sys.path.insert(0, %r); from benchmarks.hstu import *; m,b,o = setup(); "
+def peak_rss_mib(impl: str, stage: str, lengths: str) -> float:
+    """Peak RSS growth of two iterations over the setup, in a fresh process (MiB)."""
+    code = ("import resource,sys; sys.path.insert(0, %r); from benchmarks.hstu import *; m,b,o = setup(lengths=%r); "
             "f = stage_fn(%r, %r, m, b, o); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
             "[f() for _ in range(2)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)")
-    out = subprocess.run([sys.executable, "-c", code % (str(ROOT), impl, stage)], cwd=ROOT, check=True,
+    out = subprocess.run([sys.executable, "-c", code % (str(ROOT), lengths, impl, stage)], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return int(out.stdout.split()[-1]) / 1024
 
@@ -125,21 +144,23 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3, help="timed iterations per stage per round")
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--lengths", choices=["ml-100k", "reference"], default="ml-100k",
+                   help="real ml-100k windows (the issue's shape), or the reference measurement's U[10, 200] batch")
     p.add_argument("--json", help="also write the numbers here")
     args = p.parse_args()
     threads = int(os.environ.get("OMP_NUM_THREADS", "0"))
     if threads != 1:
         print(f"warning: OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; the reference figure is for 1 "
               "thread per process on a shared 2-core box (set OMP_NUM_THREADS=1)", file=sys.stderr)
-    model, batch, _ = setup()
+    model, batch, _ = setup(lengths=args.lengths)
     lengths = model.ec(batch.ids)["seq"].lengths() - 1
-    print(f"B={lengths.numel()}, input lengths {int(lengths.min())}..{int(lengths.max())} (mean "
+    print(f"batch: {args.lengths}, B={lengths.numel()}, input lengths {int(lengths.min())}..{int(lengths.max())} (mean "
           f"{float(lengths.float().mean()):.0f}), P={batch.neg_index.shape[0]} positions x "
           f"{batch.neg_index.shape[1]} negatives, {batch.ids['neg'].values().numel()} distinct candidates, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, torch threads {torch.get_num_threads()}")
-    times = time_all(args.rounds, args.steps)
+    times = time_all(args.rounds, args.steps, args.lengths)
     med = {k: statistics.median(v) for k, v in times.items()}
-    mem = {} if args.no_memory else {(i, s): peak_rss_mib(i, s) for s in STAGES for i in IMPLS}
+    mem = {} if args.no_memory else {(i, s): peak_rss_mib(i, s, args.lengths) for s in STAGES for i in IMPLS}
     print("\n| stage | jagged ms | padded ms | padded / jagged | jagged peak MiB | padded peak MiB |")
     print("|---|---|---|---|---|---|")
     for s in STAGES:

@@ -30,13 +30,13 @@ def build(*overrides: str) -> RankingModel:
 
 
 def test_tokens_are_history_then_target_with_next_event_query_times() -> None:
-    over = build().over
+    over = build().over.target_encoder  # the reusable (EC outputs, side) -> [B, D] module
     d = 32
     hist = JaggedTensor(values=torch.randn(5, d), lengths=torch.tensor([2, 0, 3]))
     target = JaggedTensor(values=torch.randn(3, d), lengths=torch.tensor([1, 1, 1]))
     side = {"hist_item_id/rating": torch.tensor([5, 1, 3, 4, 2]),
             "hist_item_id/timestamp": torch.tensor([10, 20, 100, 200, 300])}
-    tokens, lengths, ts, query, tgt = over._tokens({"hist_item_id": hist, "item_id": target}, side)
+    tokens, lengths, ts, query, tgt = over.tokens({"hist_item_id": hist, "item_id": target}, side)
     assert lengths.tolist() == [3, 1, 4] and tgt.tolist() == [2, 3, 7]
     action = over.action.detach()
     want = torch.stack([hist.values()[0] + action[5], hist.values()[1] + action[1], target.values()[0] + action[0],
@@ -47,7 +47,7 @@ def test_tokens_are_history_then_target_with_next_event_query_times() -> None:
     assert ts.tolist() == [10, 20, 20, 0, 100, 200, 300, 300]  # the target takes the newest history time
     assert query.tolist() == [20, 20, 20, 0, 200, 300, 300, 300]  # next token's time; targets their own
     with pytest.raises(ValueError, match="hist_item_id/rating"):
-        over._tokens({"hist_item_id": hist, "item_id": target}, {**side, "hist_item_id/rating": side[
+        over.tokens({"hist_item_id": hist, "item_id": target}, {**side, "hist_item_id/rating": side[
             "hist_item_id/rating"] + 3})
 
 

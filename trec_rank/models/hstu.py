@@ -207,18 +207,30 @@ class HSTUParams:
     history_pooling: Literal["mean", "sum"] = "mean"  # for the other EmbeddingCollection features
 
 
-class HSTUOverArch(nn.Module):
-    """Target-aware HSTU: [history..., target] -> output at the target (+ pooled features) -> MLP -> heads.
+class HSTUTargetEncoder(nn.Module):
+    """Target-aware HSTU: (jagged EC outputs, side columns) -> [B, D] encoder outputs at the target tokens.
 
+    Each row becomes [history..., target]: history token = item embedding + action embedding (the
+    row's `action_side` value), target token = the target item embedding + action 0 (unknown).
     With one target token at the end, the causal mask is exactly target-aware attention: history
     tokens never see the target, the target sees the whole history. The target's timestamp is not
     an input of the ranking schema, so the target token uses the newest history timestamp (the
     closest known lower bound of the request time); history token i queries with ts[i+1].
+    Reusable by any ranking model that reads the same EmbeddingCollection outputs (`from_schema`).
     """
 
-    def __init__(self, cfg, params: HSTUParams, device: torch.device) -> None:  # noqa: ANN001 - ExperimentConfig
+    def __init__(self, params: HSTUParams, dim: int, history_max_len: int, device: torch.device) -> None:
         super().__init__()
-        schema = cfg.schema
+        if params.num_actions < 1:
+            raise ConfigError(f"model.params.num_actions: must be >= 1, got {params.num_actions}")
+        self.p = params
+        self.action = nn.Parameter(torch.empty(params.num_actions, dim, device=device))
+        self.encoder = HSTUEncoder(dim, history_max_len + 1, params.encoder, device)
+        self.reset_parameters()
+
+    @classmethod
+    def from_schema(cls, schema, params: HSTUParams, device: torch.device) -> HSTUTargetEncoder:  # noqa: ANN001
+        """Checks `params` against the schema (errors name the features), then builds on `device`."""
         hist, target = schema.feature(params.history), schema.feature(params.target)
         if hist.kind != "sequence" or target.kind != "sparse" or target.table != hist.table:
             raise ConfigError(f"model.params: history '{hist.name}' must be a sequence feature and target "
@@ -227,25 +239,13 @@ class HSTUOverArch(nn.Module):
             if side and side not in hist.side:
                 raise ConfigError(f"model.params: '{side}' is not a side column of '{hist.name}' "
                                   f"({sorted(hist.side)})")
-        if params.num_actions < 1:
-            raise ConfigError(f"model.params.num_actions: must be >= 1, got {params.num_actions}")
-        self.p, dim = params, schema.table(hist.table).embedding_dim
-        self.action = nn.Parameter(torch.empty(params.num_actions, dim, device=device))
-        self.encoder = HSTUEncoder(dim, hist.max_len + 1, params.encoder, device)
-        self.others = [(f.name, f.pooling if f.kind == "sparse" else params.history_pooling)
-                       for f in schema.sequence_features if f.name not in (hist.name, target.name)]
-        width = dim + pooled_dim(schema) + len(schema.dense)
-        width += sum(schema.table(schema.feature(n).table).embedding_dim for n, _ in self.others)
-        self.mlp = MLP(width, params.hidden, dropout=params.dropout, device=device)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device)
-                                    for t in cfg.model.tasks})
-        self.reset_parameters()
+        return cls(params, schema.table(hist.table).embedding_dim, hist.max_len, device)
 
     def reset_parameters(self) -> None:
         if not self.action.is_meta:
             nn.init.normal_(self.action, std=0.02)
 
-    def _tokens(self, jagged: dict[str, JaggedTensor], side: dict[str, torch.Tensor]
+    def tokens(self, jagged: dict[str, JaggedTensor], side: dict[str, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """[history..., target] rows: tokens [N+B, D], lengths [B], ts/query_ts [N+B], target index [B]."""
         hist, target = jagged[self.p.history], jagged[self.p.target].values()  # [N, D], [B, D]
@@ -272,11 +272,33 @@ class HSTUOverArch(nn.Module):
         query = torch.cat([all_ts[1:], all_ts[-1:]]).index_put((tgt,), last_ts)
         return tokens, lengths + 1, all_ts, query, tgt
 
+    def forward(self, jagged: dict[str, JaggedTensor], side: dict[str, torch.Tensor]) -> torch.Tensor:
+        """EC outputs (`history` jagged [N, D], `target` [B, D]) + side columns -> [B, D] at the targets."""
+        tokens, lengths, ts, query, tgt = self.tokens(jagged, side)
+        return self.encoder(tokens, lengths, ts, query)[tgt]
+
+
+class HSTUOverArch(nn.Module):
+    """Ranking over-arch: HSTUTargetEncoder output (+ pooled features, dense) -> MLP -> one head per task."""
+
+    def __init__(self, cfg, params: HSTUParams, device: torch.device) -> None:  # noqa: ANN001 - ExperimentConfig
+        super().__init__()
+        schema = cfg.schema
+        self.p = params
+        self.target_encoder = HSTUTargetEncoder.from_schema(schema, params, device)
+        dim = schema.table(schema.feature(params.history).table).embedding_dim
+        self.others = [(f.name, f.pooling if f.kind == "sparse" else params.history_pooling)
+                       for f in schema.sequence_features if f.name not in (params.history, params.target)]
+        width = dim + pooled_dim(schema) + len(schema.dense)
+        width += sum(schema.table(schema.feature(n).table).embedding_dim for n, _ in self.others)
+        self.mlp = MLP(width, params.hidden, dropout=params.dropout, device=device)
+        self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device)
+                                    for t in cfg.model.tasks})
+
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 dense: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         assert jagged is not None, "the HSTU over-arch needs the EmbeddingCollection outputs"
-        tokens, lengths, ts, query, tgt = self._tokens(jagged, side)
-        encoded = self.encoder(tokens, lengths, ts, query)[tgt]  # [B, D] at the target tokens
+        encoded = self.target_encoder(jagged, side)  # [B, D] at the target tokens
         parts = [encoded] + ([] if pooled is None else [pooled.values()])
         parts += [pool(jagged[name], mode) for name, mode in self.others]
         h = self.mlp(torch.cat([*parts, dense], dim=1))
