@@ -7,7 +7,7 @@ Stages, each timed for both implementations, interleaved round by round so machi
   fwd+bwd      encoder only, train mode, backward of a fixed random projection of the outputs
   train step   item lookup (EmbeddingCollection) + encoder + sampled softmax + backward + AdamW step
 Peak memory: each (implementation, stage) runs in its own subprocess; the figure is the growth of
-the process's peak RSS over its setup (model and batch built, nothing run yet).
+the process's peak RSS (VmHWM, reset after setup) over its RSS once model and batch are built.
 The padded baseline is `trec_rank/retrieval/padded.py` (tests check it computes the same values).
 `--lengths reference` swaps the batch for the one the ~1.1 s reference figure was measured on
 (input lengths U[10, 200], mean ~105, ids over 3,706 items), for a like-for-like ratio to it.
@@ -129,12 +129,33 @@ def time_all(rounds: int, steps: int, lengths: str) -> dict[tuple[str, str], lis
     return times
 
 
+def _status_kib(field: str) -> int:
+    """A `/proc/self/status` memory field (VmRSS, VmHWM) in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def measure_peak(impl: str, stage: str, lengths: str) -> None:
+    """In a fresh process: reset the peak-RSS mark after setup, run two iterations, print the peak growth.
+
+    (getrusage's ru_maxrss would carry the parent's peak over fork + exec; VmHWM is per process image
+    and `echo 5 > /proc/self/clear_refs` resets it to the current RSS.)
+    """
+    model, batch, opt = setup(lengths=lengths)
+    fn = stage_fn(impl, stage, model, batch, opt)
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status_kib("VmRSS")
+    for _ in range(2):
+        fn()
+    print(_status_kib("VmHWM") - base)
+
+
 def peak_rss_mib(impl: str, stage: str, lengths: str) -> float:
     """Peak RSS growth of two iterations over the setup, in a fresh process (MiB)."""
-    code = ("import resource,sys; sys.path.insert(0, %r); from benchmarks.hstu import *; m,b,o = setup(lengths=%r); "
-            "f = stage_fn(%r, %r, m, b, o); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
-            "[f() for _ in range(2)]; print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - r0)")
-    out = subprocess.run([sys.executable, "-c", code % (str(ROOT), lengths, impl, stage)], cwd=ROOT, check=True,
+    code = "import sys; sys.path.insert(0, %r); from benchmarks.hstu import measure_peak; measure_peak(%r, %r, %r)"
+    out = subprocess.run([sys.executable, "-c", code % (str(ROOT), impl, stage, lengths)], cwd=ROOT, check=True,
                          capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     return int(out.stdout.split()[-1]) / 1024
 
