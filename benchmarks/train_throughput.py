@@ -1,7 +1,8 @@
 """Training throughput (samples/s) of the base model, DIN and MMoE through the real trainer.
 
     .venv/bin/python benchmarks/train_throughput.py [--data data] [--steps 200] [--models base,din,mmoe]
-        [--base-sizes]   # also the base model at batch 4096 and on 2 processes (the earlier table)
+        [--baseline REV]  # also run every row on the code of git revision REV: before/after in one run
+        [--base-sizes]    # also the base model at batch 4096 and on 2 processes (the earlier table)
 
 Every row runs the real CLI (`trec-rank train` under torch.distributed.run: DMP + planner,
 fused row-wise Adagrad tables, Adam dense optimizer, TrainPipelineSparseDist, Parquet loader,
@@ -47,7 +48,7 @@ MODELS = {
 }
 
 
-def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Path) -> dict:
+def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Path, code: Path = ROOT) -> dict:
     config, subdir, sets, _ = MODELS[model]
     sets = [*sets, f"data.path={data / subdir}", f"data.batch_size={batch}", f"train.max_steps={steps}",
             "data.eval_splits=[]", "train.checkpoint_every=1000000", "train.epochs=1000",
@@ -56,8 +57,8 @@ def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Pat
            "-m", "trec_rank.cli", "train", config, "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(code)}
+    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         sys.exit(f"{model} failed:\n{proc.stderr[-3000:]}")
     return json.loads((run_dir / "throughput.json").read_text())
@@ -68,6 +69,7 @@ def main() -> None:
     p.add_argument("--data", default=str(ROOT / "data"), help="root holding ml-100k/ and adult/ (trec-rank data)")
     p.add_argument("--steps", type=int, default=200, help="training steps per measurement at batch 256")
     p.add_argument("--models", default="base,din,mmoe", help="comma-separated subset of base,din,mmoe")
+    p.add_argument("--baseline", default="", help="git revision to measure too (its trec_rank, same venv)")
     p.add_argument("--base-sizes", action="store_true", help="also base at batch 4096 and on 2 processes")
     args = p.parse_args()
     data = Path(args.data)
@@ -80,18 +82,28 @@ def main() -> None:
         cases += [("base", 256, 2), ("base", 4096, 1), ("base", 4096, 2)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
+        before = Path(tmp) / "baseline"
+        if args.baseline:  # the revision's files, exported (no worktree, no change to this checkout)
+            before.mkdir()
+            archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, check=True, capture_output=True)
+            subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
         for model, batch, nproc in cases:
             steps = args.steps if batch == 256 else max(8, args.steps // 8)
-            out = run(model, data, nproc, batch, steps, Path(tmp) / f"{model}-b{batch}-p{nproc}")
-            rows.append((model, batch, nproc, out["steps"], out["samples_per_s"]))
+            old = (run(model, data, nproc, batch, steps, Path(tmp) / f"old-{model}-b{batch}-p{nproc}", before)
+                   if args.baseline else None)  # alternate old/new so both see the same machine load
+            new = run(model, data, nproc, batch, steps, Path(tmp) / f"{model}-b{batch}-p{nproc}")
+            rows.append((model, batch, nproc, new["steps"], new["samples_per_s"], old and old["samples_per_s"]))
     print(f"{'model':6} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
-          f"{'vs peer':>8} {'target':>9}")
-    for model, batch, nproc, steps, rate in rows:
+          f"{'before':>9} {'speed-up':>8} {'vs peer':>8} {'target':>9}")
+    for model, batch, nproc, steps, rate, old in rows:
         ratio = f"{rate / PEER[model]:.2f}x" if model in PEER and batch == 256 else "-"
         target = f"{TARGET_X * PEER[model]:,.0f}" if model in PEER else "-"
         ms = 1000 * batch * nproc / rate if rate else float("nan")
+        was, gain = (f"{old:,.0f}", f"{rate / old:.2f}x") if old else ("-", "-")
         print(f"{model:6} {MODELS[model][3]:>4} {batch:>6} {nproc:>5} {steps:>5} {rate:>10,.0f} {ms:>8.2f} "
-              f"{ratio:>8} {target:>9}")
+              f"{was:>9} {gain:>8} {ratio:>8} {target:>9}")
+    if args.baseline:
+        print(f"before = the same rows on git revision {args.baseline}, run alternately with the new code")
 
 
 if __name__ == "__main__":

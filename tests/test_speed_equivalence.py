@@ -156,3 +156,35 @@ def test_training_losses_match_the_reference_step_by_step(config: str, ml100k_di
     assert len(fast) == len(ref) == 12
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=2e-5, atol=1e-6)
     assert fast[0] != fast[-1]  # it trained
+
+
+# ---- the loader ------------------------------------------------------------------------------------
+def _same_kjt(a, b) -> bool:  # noqa: ANN001
+    return (a.keys() == b.keys() and a.stride() == b.stride() and torch.equal(a.values(), b.values())
+            and torch.equal(a.lengths(), b.lengths()) and a.values().dtype == b.values().dtype
+            and a.lengths().dtype == b.lengths().dtype)
+
+
+@pytest.mark.parametrize("drop_last", [True, False])
+def test_window_conversion_cut_into_batches_equals_converting_each_batch(ml100k_dir: Path, drop_last: bool) -> None:
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from trec_rank.data.convert import to_batch, to_batches
+
+    cfg = load_config(ROOT / "configs/ml100k_din.yaml", [f"data.path={ml100k_dir}/ranking",
+                                                         "schema.features.8.max_len=7"])  # truncating histories
+    table = pq.read_table(ml100k_dir / "ranking" / "train").slice(100, 1000)
+    rows = np.arange(100, 1100)
+    batches = to_batches(table, cfg.schema, rows, "w", 96, drop_last)
+    assert len(batches) == (1000 // 96 if drop_last else -(-1000 // 96))
+    for i, got in enumerate(batches):
+        ref = to_batch(table.slice(i * 96, 96), cfg.schema, rows[i * 96:(i + 1) * 96], "w")
+        assert _same_kjt(got.sparse, ref.sparse) and _same_kjt(got.sequence, ref.sequence)
+        assert got.side.keys() == ref.side.keys() and got.labels.keys() == ref.labels.keys()
+        for k in ref.side:
+            assert torch.equal(got.side[k], ref.side[k])
+        for k in ref.labels:
+            assert torch.equal(got.labels[k], ref.labels[k])
+        assert torch.equal(got.dense, ref.dense) and torch.equal(got.weights, ref.weights)
+        assert torch.equal(got.row_index, ref.row_index)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trec_rank.config.schema import Schema
 from trec_rank.data.batch import Batch
-from trec_rank.data.convert import DataError, check_arrow_types, expected_columns, to_batch
+from trec_rank.data.convert import DataError, check_arrow_types, expected_columns, to_batch, to_batches
 
 log = logging.getLogger(__name__)
 
@@ -160,14 +160,8 @@ class ParquetDataset:
         if self.shuffle:
             perm = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(len(row_index))
             table, row_index = table.take(perm), row_index[perm]
-        batches = []
-        for s in range(0, len(row_index), self.batch_size):
-            n = min(self.batch_size, len(row_index) - s)
-            if n < self.batch_size and self.drop_last:
-                break
-            where = f"rank {self.rank} epoch {epoch} window {index}"
-            batches.append(self._convert(table.slice(s, n), row_index[s:s + n], where))
-        return batches
+        where = f"rank {self.rank} epoch {epoch} window {index}"
+        return to_batches(table, self.schema, row_index, where, self.batch_size, self.drop_last, self.with_labels)
 
     def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         """This rank's batches for `epoch`, skipping the first `start_batch` (resume) without reading them."""

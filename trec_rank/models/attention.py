@@ -111,7 +111,7 @@ class TargetAttention(nn.Module):
         w, d = first.weight, self.dim
         per_row = w.new_zeros(w.shape[0], d)  # [H, D], applied to the query once per row
         per_key = w.new_zeros(w.shape[0], d)  # [H, D], applied to every behaviour's key
-        q_seg = query[segments] if {"prod", "outer"} & set(self.params.interaction) else None
+        q_seg = query.index_select(0, segments) if {"prod", "outer"} & set(self.params.interaction) else None
         extra = []  # (per-behaviour input [N, *], its weight slice [H, *])
         offset = 0
         for term in self.params.interaction:
@@ -129,7 +129,7 @@ class TargetAttention(nn.Module):
                 extra.append((self.bilinear(q_seg, keys), part))
             else:
                 extra.append(((q_seg.unsqueeze(2) * keys.unsqueeze(1)).flatten(1), part))
-        h = torch.addmm(first.bias, query, per_row.t())[segments].addmm_(keys, per_key.t())
+        h = torch.addmm(first.bias, query, per_row.t()).index_select(0, segments).addmm_(keys, per_key.t())
         for x, part in extra:
             h = h.addmm_(x, part.t())
         return h
