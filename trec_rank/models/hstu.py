@@ -157,7 +157,9 @@ class HSTULayer(nn.Module):
         hv = self.heads * self.dv
         uvqk = F.silu(F.layer_norm(x, x.shape[-1:], eps=1e-6) @ self.uvqk)
         u, vqk = uvqk.split([hv, uvqk.shape[1] - hv], dim=1)
-        av = torch.cat([self._attend(vqk[g.start:g.end], g) for g in layout.groups])
+        # one split (its backward is one cat), not a slice per group (a full-size zero gradient each)
+        parts = vqk.split([g.end - g.start for g in layout.groups])
+        av = torch.cat([self._attend(part, g) for part, g in zip(parts, layout.groups)])
         y = u * F.layer_norm(av, (hv,), eps=1e-6)
         return x + F.linear(self.dropout(y), self.out_w, self.out_b)
 
