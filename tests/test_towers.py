@@ -91,7 +91,7 @@ def adult_batch(adult_dir: Path):  # noqa: ANN201
     return next(iter(ParquetDataset(cfg.data.split_path("train"), cfg.schema, 16).batches()))
 
 
-@pytest.mark.parametrize("config,name", [("adult_shared_bottom", "shared_bottom"), ("adult_mmoe", "moe"),
+@pytest.mark.parametrize("config,name", [("adult_shared_bottom", "shared_bottom"), ("adult_moe", "moe"),
                                          ("adult_mmoe", "mmoe"), ("adult_cgc", "cgc"), ("adult_ple", "ple")])
 def test_every_tower_model_builds_on_meta_and_scores_both_tasks(config: str, name: str, adult_dir: Path,
                                                                  adult_batch) -> None:  # noqa: ANN001
