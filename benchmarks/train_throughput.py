@@ -1,6 +1,6 @@
 """Training throughput (samples/s) of the base model, DIN and MMoE through the real trainer.
 
-    .venv/bin/python benchmarks/train_throughput.py [--data data] [--steps 200] [--models base,din,mmoe]
+    .venv/bin/python benchmarks/train_throughput.py [--data data] [--steps 200] [--models base,din,din-l2off,mmoe]
         [--baseline REV]  # also run every row on the code of git revision REV: before/after in one run
         [--base-sizes]    # also the base model at batch 4096 and on 2 processes (the earlier table)
 
@@ -12,6 +12,7 @@ RUN_DIR/throughput.json (samples/s over the training steps only). Shapes follow 
   base: configs/ml100k_base.yaml, every table dim 16, history 50.
   din:  configs/ml100k_din_nofeedback.yaml (Dice, mini-batch-aware L2), every table dim 16,
         history 50, attention unit [64, 32], top MLP [200, 80].
+  din-l2off: the same without the mini-batch-aware L2 (plain DIN, what peer numbers usually are).
   mmoe: configs/adult_mmoe.yaml, emb 8, 4 experts [64], towers [32], 12 sparse + 6 dense, 2 tasks.
 
 All at batch 256, one process, OMP_NUM_THREADS=1 (the machine is shared; wall times move with
@@ -30,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PEER = {"din": 6_600.0, "mmoe": 53_000.0}  # fastest peer at batch 256 (issue 4)
+PEER = {"din": 6_600.0, "din-l2off": 6_600.0, "mmoe": 53_000.0}  # fastest peer at batch 256 (issue 4)
 TARGET_X = 3.0
 
 
@@ -43,6 +44,9 @@ MODELS = {
     "din": ("configs/ml100k_din_nofeedback.yaml", "ml-100k/ranking",
             [*dims(7, 16), "model.params.hidden=[200, 80]",
              "model.params.encoder.attention.0.unit.hidden=[64, 32]"], 16),
+    "din-l2off": ("configs/ml100k_din_nofeedback.yaml", "ml-100k/ranking",
+                  [*dims(7, 16), "model.params.hidden=[200, 80]",
+                   "model.params.encoder.attention.0.unit.hidden=[64, 32]", "model.params.encoder.l2.weight=0"], 16),
     "mmoe": ("configs/adult_mmoe.yaml", "adult/adult",
              ["model.params.experts=4", "model.params.expert_hidden=[64]", "model.params.tower_hidden=[32]"], 8),
 }
@@ -68,7 +72,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", default=str(ROOT / "data"), help="root holding ml-100k/ and adult/ (trec-rank data)")
     p.add_argument("--steps", type=int, default=200, help="training steps per measurement at batch 256")
-    p.add_argument("--models", default="base,din,mmoe", help="comma-separated subset of base,din,mmoe")
+    p.add_argument("--models", default="base,din,din-l2off,mmoe", help="comma-separated subset of "
+                   "base,din,din-l2off,mmoe")
     p.add_argument("--baseline", default="", help="git revision to measure too (its trec_rank, same venv)")
     p.add_argument("--base-sizes", action="store_true", help="also base at batch 4096 and on 2 processes")
     args = p.parse_args()
@@ -93,15 +98,23 @@ def main() -> None:
                    if args.baseline else None)  # alternate old/new so both see the same machine load
             new = run(model, data, nproc, batch, steps, Path(tmp) / f"{model}-b{batch}-p{nproc}")
             rows.append((model, batch, nproc, new["steps"], new["samples_per_s"], old and old["samples_per_s"]))
-    print(f"{'model':6} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
+    print(f"{'model':9} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
           f"{'before':>9} {'speed-up':>8} {'vs peer':>8} {'target':>9}")
     for model, batch, nproc, steps, rate, old in rows:
         ratio = f"{rate / PEER[model]:.2f}x" if model in PEER and batch == 256 else "-"
         target = f"{TARGET_X * PEER[model]:,.0f}" if model in PEER else "-"
         ms = 1000 * batch * nproc / rate if rate else float("nan")
         was, gain = (f"{old:,.0f}", f"{rate / old:.2f}x") if old else ("-", "-")
-        print(f"{model:6} {MODELS[model][3]:>4} {batch:>6} {nproc:>5} {steps:>5} {rate:>10,.0f} {ms:>8.2f} "
+        print(f"{model:9} {MODELS[model][3]:>4} {batch:>6} {nproc:>5} {steps:>5} {rate:>10,.0f} {ms:>8.2f} "
               f"{was:>9} {gain:>8} {ratio:>8} {target:>9}")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    floor = json.loads(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eager_floor.py"), "--json"],
+                                      env=env, check=True, capture_output=True, text=True).stdout)
+    for model, rate in floor.items():
+        print(f"{model + '*':9} {MODELS[model][3]:>4} {256:>6} {1:>5} {'-':>5} {rate:>10,.0f} {256000 / rate:>8.2f} "
+              f"{'-':>9} {'-':>8} {rate / PEER[model]:>7.2f}x {TARGET_X * PEER[model]:>9,.0f}")
+    print("* eager floor (benchmarks/eager_floor.py): the model's dense step alone in plain PyTorch on in-memory "
+          "synthetic batches, no TorchRec, no loader; measured in this run")
     if args.baseline:
         print(f"before = the same rows on git revision {args.baseline}, run alternately with the new code")
 
