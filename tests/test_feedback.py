@@ -142,8 +142,9 @@ def test_table_grad_scale_scales_only_the_aux_gradient_reaching_the_embeddings()
 
 @pytest.fixture(scope="module")
 def cfg_and_batch(ml100k_dir: Path):  # noqa: ANN201
-    cfg = load_config(ROOT / "configs/ml100k_din.yaml", [f"data.path={ml100k_dir}/ranking",
-                                                         "model.params.encoder.l2.weight=0.0"])
+    cfg = load_config(ROOT / "configs/ml100k_din_feedback.yaml", [
+        f"data.path={ml100k_dir}/ranking", "model.params.encoder.l2.weight=0.0",
+        "model.params.encoder.attention.0.key_sides=[]"])
     ds = ParquetDataset(cfg.data.split_path("train"), cfg.schema, 32, shuffle=True)
     return cfg, next(iter(ds.batches()))
 
@@ -165,7 +166,8 @@ def test_switch_adds_feature_and_aux_loss_only_when_on(cfg_and_batch: tuple) -> 
     h = enc(pooled, jagged, batch.dense, batch).h
     user_in = torch.cat([enc._embed(n, pooled, jagged) for n in enc._user_inputs(enc.fb_params)], dim=1)
     u = enc.feedback.user_vector(user_in)
-    torch.testing.assert_close(h[:, -1], F.cosine_similarity(u, jagged["item_id"].values(), dim=-1))
+    assert enc.fb_params.similarity == "dot"
+    torch.testing.assert_close(h[:, -1], (u * jagged["item_id"].values()).sum(-1))
 
 
 def test_enabled_feedback_needs_its_features(cfg_and_batch: tuple) -> None:

@@ -32,7 +32,7 @@ def train(config: str, run_dir: Path, data: Path, *sets: str, nproc: int = 1) ->
 def one_process_runs(ml100k_dir: Path, adult_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """model name -> valid metrics of its one-process CLI run."""
     jobs = {
-        "din": ("ml100k_din", ml100k_dir / "ranking", "train.max_steps=50"),
+        "din": ("ml100k_din_feedback", ml100k_dir / "ranking", "train.max_steps=50"),
         "esmm": ("ml100k_esmm", ml100k_dir / "funnel", "train.max_steps=100", "train.optim.sparse_lr=0.2",
                  "train.optim.dense_lr=0.003"),
         **{name: (config, adult_dir / "adult", f"model.name={name}", "train.max_steps=30") for config, name in TOWERS},

@@ -1,8 +1,9 @@
 """The shared feature encoder: sparse/sequence/dense inputs -> one [B, out_dim] vector (+ aux loss).
 
 Every model in this package (DIN, the multi-task towers, ESMM) sits on top of it, so the same
-options compose everywhere: DIN target attention over (target, history) feature groups, the
-explicit-feedback user vector, and the mini-batch-aware L2. With none of them it is the base
+options compose everywhere: DIN target attention over (target, history) feature groups (keys may
+carry the behaviour's side columns, e.g. its rating, as learned embeddings), the explicit-feedback
+user vector, and the mini-batch-aware L2. With none of them it is the base
 model's input: pooled EBC features, pooled EC features, dense features.
 
 Layout of the output (concatenated along dim 1, all [B, *], padded-free):
@@ -21,6 +22,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
 from trec_rank.data.batch import Batch
 from trec_rank.models.attention import AttentionParams, TargetAttention
@@ -145,7 +147,7 @@ class FeatureEncoder(nn.Module):
                                   f"({self.dims[h]}-d) need one embedding width")
         return targets, hists
 
-    def _check_side(self, side: KeySide, hists: list[str], schema, key: str) -> tuple[str, int]:  # noqa: ANN001
+    def _check_side(self, side: KeySide, hists: list[str], schema: Schema, key: str) -> tuple[str, int]:
         """-> (the Batch.side key "<history>/<side>", num_values)."""
         if side.history not in hists:
             raise ConfigError(f"{key}.history: '{side.history}' is not a history of this group "
