@@ -60,3 +60,13 @@ def test_bad_override_and_missing_file(tmp_path: Path) -> None:
         load_config(BASE, ["train.epochs=0"])
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
+    """YAML 1.1 reads `2e-3` as a string; a float field takes it as the number users wrote."""
+    cfg = load_config(BASE, ["train.optim.dense_lr=2e-3"])
+    assert cfg.train.optim.dense_lr == pytest.approx(0.002)
+    path = write(tmp_path, lambda r: r.setdefault("train", {}).setdefault("optim", {}).update(dense_lr="1E-4"))
+    assert load_config(path).train.optim.dense_lr == pytest.approx(1e-4)
+    with pytest.raises(ConfigError, match="train.optim.dense_lr: expected a number, got 'fast'"):
+        load_config(BASE, ["train.optim.dense_lr=fast"])

@@ -8,6 +8,7 @@ of surfacing as an AttributeError deep inside training.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 T = TypeVar("T")
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
 class ConfigError(ValueError):
@@ -61,6 +63,8 @@ def _check(kind: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
         return value
     if kind is float:
+        if isinstance(value, str) and _EXPONENT_FLOAT.fullmatch(value):
+            return float(value)  # YAML 1.1 leaves `2e-3` (no dot) a string; users mean the number
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
