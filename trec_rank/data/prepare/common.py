@@ -211,10 +211,11 @@ def print_summary(manifest: dict) -> None:
     print(f"\n== {manifest.get('dataset', '?')}")
     splits = manifest.get("splits", {})
     labels = sorted({k for s in splits.values() for k in s.get("label_rates", {})})
-    head = f"  {'split':<8}{'rows':>12}{'files':>7}" + "".join(f"{lab:>16}" for lab in labels)
+    width = {lab: max(16, len(lab) + 2) for lab in labels}
+    head = f"  {'split':<8}{'rows':>12}{'files':>7}" + "".join(f"{lab:>{width[lab]}}" for lab in labels)
     print(head)
     for name, s in splits.items():
-        rates = "".join(f"{s['label_rates'].get(lab, 0.0):>16.4f}" for lab in labels)
+        rates = "".join(f"{s['label_rates'].get(lab, 0.0):>{width[lab]}.4f}" for lab in labels)
         print(f"  {name:<8}{s['rows']:>12,}{len(s['files']):>7}{rates}")
     ranges = manifest.get("id_ranges", {})
     if ranges:
