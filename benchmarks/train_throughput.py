@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/train_throughput.py [--data data] [--steps 200] [--models base,din,din-l2off,mmoe]
         [--baseline REV]  # also run every row on the code of git revision REV: before/after in one run
+        [--repeat N]      # N alternating measurements per row, the best (least disturbed) reported
         [--base-sizes]    # also the base model at batch 4096 and on 2 processes (the earlier table)
 
 Every row runs the real CLI (`trec-rank train` under torch.distributed.run: DMP + planner,
@@ -75,6 +76,7 @@ def main() -> None:
     p.add_argument("--models", default="base,din,din-l2off,mmoe", help="comma-separated subset of "
                    "base,din,din-l2off,mmoe")
     p.add_argument("--baseline", default="", help="git revision to measure too (its trec_rank, same venv)")
+    p.add_argument("--repeat", type=int, default=1, help="measure every row this many times; report the best")
     p.add_argument("--base-sizes", action="store_true", help="also base at batch 4096 and on 2 processes")
     args = p.parse_args()
     data = Path(args.data)
@@ -92,12 +94,19 @@ def main() -> None:
             before.mkdir()
             archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, check=True, capture_output=True)
             subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
-        for model, batch, nproc in cases:
+        rates: dict[tuple, tuple[list[float], list[float]]] = {case: ([], []) for case in cases}
+        for rep in range(args.repeat):
+            for case in cases:
+                model, batch, nproc = case
+                steps = args.steps if batch == 256 else max(8, args.steps // 8)
+                name = f"{model}-b{batch}-p{nproc}-r{rep}"
+                if args.baseline:  # alternate old/new so both see the same machine load
+                    rates[case][1].append(run(model, data, nproc, batch, steps, Path(tmp) / f"old-{name}",
+                                              before)["samples_per_s"])
+                rates[case][0].append(run(model, data, nproc, batch, steps, Path(tmp) / name)["samples_per_s"])
+        for (model, batch, nproc), (new, old) in rates.items():
             steps = args.steps if batch == 256 else max(8, args.steps // 8)
-            old = (run(model, data, nproc, batch, steps, Path(tmp) / f"old-{model}-b{batch}-p{nproc}", before)
-                   if args.baseline else None)  # alternate old/new so both see the same machine load
-            new = run(model, data, nproc, batch, steps, Path(tmp) / f"{model}-b{batch}-p{nproc}")
-            rows.append((model, batch, nproc, new["steps"], new["samples_per_s"], old and old["samples_per_s"]))
+            rows.append((model, batch, nproc, steps, max(new), old and max(old)))
     print(f"{'model':9} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
           f"{'before':>9} {'speed-up':>8} {'vs peer':>8} {'target':>9}")
     for model, batch, nproc, steps, rate, old in rows:
@@ -117,6 +126,8 @@ def main() -> None:
           "synthetic batches, no TorchRec, no loader; measured in this run")
     if args.baseline:
         print(f"before = the same rows on git revision {args.baseline}, run alternately with the new code")
+    print(f"best of {args.repeat} run(s) per row, {args.steps} steps each (the machine is shared: the fastest "
+          "run is the least disturbed one)")
 
 
 if __name__ == "__main__":
