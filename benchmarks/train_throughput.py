@@ -11,10 +11,13 @@ gloo on CPU) with evaluation and checkpoints pushed out of the measured window, 
 RUN_DIR/throughput.json (samples/s over the training steps only). Shapes follow issue 4:
 
   base: configs/ml100k_base.yaml, every table dim 16, history 50.
-  din:  configs/ml100k_din_nofeedback.yaml (Dice, mini-batch-aware L2), every table dim 16,
-        history 50, attention unit [64, 32], top MLP [200, 80].
+  din:  benchmarks/configs/din.yaml (ml100k_din_nofeedback-style: Dice, mini-batch-aware L2), every
+        table dim 16, history 50, attention unit [64, 32], top MLP [200, 80].
   din-l2off: the same without the mini-batch-aware L2 (plain DIN, what peer numbers usually are).
-  mmoe: configs/adult_mmoe.yaml, emb 8, 4 experts [64], towers [32], 12 sparse + 6 dense, 2 tasks.
+  mmoe: benchmarks/configs/mmoe.yaml (adult_mmoe-style), emb 8, 4 experts [64], towers [32],
+        12 sparse + 6 dense features, 2 tasks.
+The DIN/MMoE configs are pinned under benchmarks/configs/ so that --baseline runs (which use the
+revision's code but always this checkout's config files) train exactly the same model.
 
 All at batch 256, one process, OMP_NUM_THREADS=1 (the machine is shared; wall times move with
 the load, so compare rows of one run). "vs peer" divides by the fastest peer number the issue
@@ -40,16 +43,11 @@ def dims(n: int, dim: int) -> list[str]:
     return [f"schema.tables.{i}.embedding_dim={dim}" for i in range(n)]
 
 
-MODELS = {
+MODELS = {  # name -> (config under ROOT, data under --data, overrides, embedding dim)
     "base": ("configs/ml100k_base.yaml", "ml-100k/ranking", [*dims(7, 16)], 16),
-    "din": ("configs/ml100k_din_nofeedback.yaml", "ml-100k/ranking",
-            [*dims(7, 16), "model.params.hidden=[200, 80]",
-             "model.params.encoder.attention.0.unit.hidden=[64, 32]"], 16),
-    "din-l2off": ("configs/ml100k_din_nofeedback.yaml", "ml-100k/ranking",
-                  [*dims(7, 16), "model.params.hidden=[200, 80]",
-                   "model.params.encoder.attention.0.unit.hidden=[64, 32]", "model.params.encoder.l2.weight=0"], 16),
-    "mmoe": ("configs/adult_mmoe.yaml", "adult/adult",
-             ["model.params.experts=4", "model.params.expert_hidden=[64]", "model.params.tower_hidden=[32]"], 8),
+    "din": ("benchmarks/configs/din.yaml", "ml-100k/ranking", [], 16),
+    "din-l2off": ("benchmarks/configs/din.yaml", "ml-100k/ranking", ["model.params.encoder.l2.weight=0"], 16),
+    "mmoe": ("benchmarks/configs/mmoe.yaml", "adult/adult", [], 8),
 }
 
 
@@ -59,7 +57,7 @@ def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Pat
             "data.eval_splits=[]", "train.checkpoint_every=1000000", "train.epochs=1000",
             "train.log_every=1000000"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "trec_rank.cli", "train", config, "--run-dir", str(run_dir)]
+           "-m", "trec_rank.cli", "train", str(ROOT / config), "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(code)}
