@@ -105,8 +105,9 @@ class Gate(nn.Module):
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """weights [B, n] x experts [B, n, H] -> [B, H]."""
-    return torch.einsum("bn,bnh->bh", weights, experts)
+    """weights [B, n] x experts [B, n, H] -> [B, H]. A broadcast multiply-sum, not einsum: on CPU the
+    einsum runs as B tiny matmuls, about 4x slower forward + backward at these widths."""
+    return (weights.unsqueeze(-1) * experts).sum(dim=1)
 
 
 class SharedBottom(nn.Module):
