@@ -29,16 +29,18 @@ from trec_rank.models.hstu_jagged import pad_ints, time_buckets
 from trec_rank.models.layers import MLP
 
 __all__ = ["HSTUConfig", "HSTUEncoder", "HSTULayer", "HSTUOverArch", "HSTUParams", "HSTUTargetEncoder",
-           "RelativeBias", "SequenceInput", "jagged_positions", "pad_ints", "pointwise_attention", "time_buckets"]
+           "HSTUTokenParams", "RelativeBias", "SequenceInput", "jagged_positions", "pad_ints", "pointwise_attention",
+           "time_buckets"]
 
 
 @dataclass
-class HSTUParams:
-    """Ranking over-arch: history tokens (item + action embedding) then the target item token.
+class HSTUTokenParams:
+    """What the target-aware encoder reads: history tokens (item + action embedding), then the target.
 
     `history` is a sequence feature and `target` a single-id feature on the same table (both in
     the EmbeddingCollection); `action_side`/`time_side` name side columns of `history` ('' = none).
     Action ids are side values in [0, num_actions); 0 is reserved for the target (action unknown).
+    Shared by the `hstu` over-arch and the feature encoder's `hstu:` option (any tower stack).
     """
 
     encoder: HSTUConfig = field(default_factory=HSTUConfig)
@@ -47,6 +49,12 @@ class HSTUParams:
     action_side: str = "rating"
     time_side: str = "timestamp"
     num_actions: int = 6
+
+
+@dataclass
+class HSTUParams(HSTUTokenParams):
+    """The `hstu` ranking over-arch: the token params plus its own MLP."""
+
     hidden: list[int] = field(default_factory=lambda: [128, 64])
     dropout: float = 0.0
     history_pooling: Literal["mean", "sum"] = "mean"  # for the other EmbeddingCollection features
@@ -64,27 +72,29 @@ class HSTUTargetEncoder(nn.Module):
     Reusable by any ranking model that reads the same EmbeddingCollection outputs (`from_schema`).
     """
 
-    def __init__(self, params: HSTUParams, dim: int, history_max_len: int, device: torch.device) -> None:
+    def __init__(self, params: HSTUTokenParams, dim: int, history_max_len: int, device: torch.device,
+                 key: str = "model.params") -> None:
         super().__init__()
         if params.num_actions < 1:
-            raise ConfigError(f"model.params.num_actions: must be >= 1, got {params.num_actions}")
+            raise ConfigError(f"{key}.num_actions: must be >= 1, got {params.num_actions}")
         self.p = params
         self.action = nn.Parameter(torch.empty(params.num_actions, dim, device=device))
         self.encoder = HSTUEncoder(dim, history_max_len + 1, params.encoder, device)
         self.reset_parameters()
 
     @classmethod
-    def from_schema(cls, schema, params: HSTUParams, device: torch.device) -> HSTUTargetEncoder:  # noqa: ANN001
-        """Checks `params` against the schema (errors name the features), then builds on `device`."""
+    def from_schema(cls, schema, params: HSTUTokenParams, device: torch.device,  # noqa: ANN001 - FeatureSchema
+                    key: str = "model.params") -> HSTUTargetEncoder:
+        """Checks `params` against the schema (errors name `key` and the features), then builds on `device`."""
         hist, target = schema.feature(params.history), schema.feature(params.target)
         if hist.kind != "sequence" or target.kind != "sparse" or target.table != hist.table:
-            raise ConfigError(f"model.params: history '{hist.name}' must be a sequence feature and target "
+            raise ConfigError(f"{key}: history '{hist.name}' must be a sequence feature and target "
                               f"'{target.name}' a sparse feature on the same table ('{hist.table}')")
         for side in (params.action_side, params.time_side):
             if side and side not in hist.side:
-                raise ConfigError(f"model.params: '{side}' is not a side column of '{hist.name}' "
+                raise ConfigError(f"{key}: '{side}' is not a side column of '{hist.name}' "
                                   f"({sorted(hist.side)})")
-        return cls(params, schema.table(hist.table).embedding_dim, hist.max_len, device)
+        return cls(params, schema.table(hist.table).embedding_dim, hist.max_len, device, key)
 
     def reset_parameters(self) -> None:
         if not self.action.is_meta:
