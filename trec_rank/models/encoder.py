@@ -3,12 +3,14 @@
 Every model in this package (DIN, the multi-task towers, ESMM) sits on top of it, so the same
 options compose everywhere: DIN target attention over (target, history) feature groups (keys may
 carry the behaviour's side columns, e.g. its rating, as learned embeddings), the explicit-feedback
-user vector, and the mini-batch-aware L2. With none of them it is the base
+user vector, the target-aware HSTU (`hstu:`, the history with its actions then the candidate, see
+`hstu.HSTUTargetEncoder`), and the mini-batch-aware L2. With none of them it is the base
 model's input: pooled EBC features, pooled EC features, dense features.
 
 Layout of the output (concatenated along dim 1, all [B, *], padded-free):
   pooled EBC values | each EC feature not attended (sum/mean pooled) | one attention output per
-  group | dense | s(u, target) when feedback is on.
+  group | the HSTU output at the target token when `hstu` is set | dense | s(u, target) when
+  feedback is on.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from trec_rank.models.attention import AttentionParams, TargetAttention
 from trec_rank.models.embeddings import pool, pooled_dim, pooled_values
 from trec_rank.models.feedback import ExplicitFeedback, FeedbackParams
 from trec_rank.models.frequency import id_counts, train_split_dir
+from trec_rank.models.hstu import HSTUTargetEncoder, HSTUTokenParams
 from trec_rank.models.regularizer import L2Params, MiniBatchL2
 
 KEY = "model.params.encoder"
@@ -77,6 +80,7 @@ class EncoderParams:
     attention: list[AttentionGroup] = field(default_factory=list)
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     l2: L2Params = field(default_factory=L2Params)
+    hstu: HSTUTokenParams | None = None  # target-aware HSTU over [history..., target]: one [B, D] part
 
 
 class SideEmbedding(nn.Embedding):
@@ -119,6 +123,10 @@ class FeatureEncoder(nn.Module):
         if params.feedback.enabled:
             self.feedback = self._build_feedback(params.feedback, device)
             self.out_dim += 1
+        self.hstu = None
+        if params.hstu is not None:
+            self.hstu = HSTUTargetEncoder.from_schema(schema, params.hstu, device, key=f"{KEY}.hstu")
+            self.out_dim += self.dims[params.hstu.history]
         self.l2 = None
         if params.l2.weight > 0:
             self.l2 = MiniBatchL2(schema, params.l2, partial(id_counts, schema, train_split_dir(cfg)), f"{KEY}.l2")
@@ -126,8 +134,8 @@ class FeatureEncoder(nn.Module):
     @property
     def needs_batch(self) -> bool:
         """Aux losses need the batch in training (ids for the L2, row weights to skip padding rows);
-        key sides read the side columns it carries, in eval too."""
-        return self.l2 is not None or self.feedback is not None or any(self.key_sides)
+        key sides and HSTU read the side columns it carries, in eval too."""
+        return self.l2 is not None or self.feedback is not None or any(self.key_sides) or self.hstu is not None
 
     def _feature(self, name: str, key: str) -> str:
         if name not in self.dims:
@@ -218,6 +226,10 @@ class FeatureEncoder(nn.Module):
         for unit, (targets, hists), sides, embs in zip(self.attention, self.groups, self.key_sides,
                                                        self.side_embeddings, strict=True):
             parts.append(self._attend(unit, targets, hists, pooled, jagged, sides, embs, batch))
+        if self.hstu is not None:
+            if batch is None:
+                raise ValueError(f"{KEY}.hstu: the encoder needs the batch's side columns")
+            parts.append(self.hstu(jagged, batch.side))  # [B, D] at the target tokens
         parts.append(dense)
         aux = []
         if self.feedback is not None:
