@@ -34,8 +34,8 @@ from trec_rank.models.embeddings import materialize
 from trec_rank.retrieval.batch import NegativeSampler, RetrievalBatch, train_batch
 from trec_rank.retrieval.config import load_retrieval_config
 from trec_rank.retrieval.data import SplitReader, Window, read_sequences
-from trec_rank.retrieval.model import RetrievalModel, build_retrieval_model, next_item_split, normalize
-from trec_rank.retrieval.padded import gathered_sampled_softmax, padded_hstu
+from trec_rank.retrieval.model import RetrievalModel, build_retrieval_model, next_item_split
+from trec_rank.retrieval.padded import padded_hstu, padded_step_loss
 from trec_rank.retrieval.trainer import data_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,17 +78,6 @@ def encoder_inputs(model: RetrievalModel, batch: RetrievalBatch) -> tuple[torch.
     return seq.values()[inp].detach(), seq.lengths() - 1, batch.timestamps[inp], batch.timestamps[tgt]
 
 
-def padded_loss(model: RetrievalModel, batch: RetrievalBatch) -> torch.Tensor:
-    emb = model.ec(batch.ids)
-    seq, lengths = emb["seq"], emb["seq"].lengths()
-    inp, tgt = next_item_split(lengths)
-    user = normalize(padded_hstu(model.head.encoder, seq.values()[inp], lengths - 1, batch.timestamps[inp],
-                                 batch.timestamps[tgt]))
-    weights = torch.repeat_interleave(batch.weights, lengths.long() - 1)
-    return gathered_sampled_softmax(user, seq.values()[tgt], emb["neg"].values(), batch.neg_index, batch.hit,
-                                    weights, model.head.temperature)
-
-
 def stage_fn(impl: str, stage: str, model: RetrievalModel, batch: RetrievalBatch, opt: torch.optim.Optimizer):  # noqa: ANN201
     """A zero-argument callable running one iteration of `stage` with `impl`."""
     enc = model.head.encoder
@@ -107,7 +96,7 @@ def stage_fn(impl: str, stage: str, model: RetrievalModel, batch: RetrievalBatch
         (encode(emb, *inputs[1:]) * proj).sum().backward()
 
     def step() -> None:
-        loss = model(batch)[0] if impl == "jagged" else padded_loss(model, batch)
+        loss = model(batch)[0] if impl == "jagged" else padded_step_loss(model, batch)
         opt.zero_grad()
         loss.backward()
         opt.step()

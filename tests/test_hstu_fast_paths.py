@@ -18,8 +18,8 @@ from trec_rank.retrieval.batch import NegativeSampler, train_batch
 from trec_rank.retrieval.config import load_retrieval_config
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.loss import sampled_softmax_loss
-from trec_rank.retrieval.model import build_retrieval_model, next_item_split, normalize
-from trec_rank.retrieval.padded import gathered_sampled_softmax, padded_hstu
+from trec_rank.retrieval.model import build_retrieval_model, normalize
+from trec_rank.retrieval.padded import gathered_sampled_softmax, padded_hstu, padded_step_loss
 
 D, MAX_LEN = 16, 40
 LENGTHS = [40, 3, 33, 1, 17, 39, 8, 25, 2, 31]  # several length groups, rows out of order
@@ -123,16 +123,7 @@ def test_retrieval_step_matches_padded_step_gradient_by_gradient(ml100k_dir) -> 
     grads = []
     for fast in (True, False):
         model.zero_grad()
-        if fast:
-            loss = model(b)[0]
-        else:
-            emb = model.ec(b.ids)
-            seq, lengths = emb["seq"], emb["seq"].lengths()
-            inp, tgt = next_item_split(lengths)
-            user = normalize(padded_hstu(model.head.encoder, seq.values()[inp], lengths - 1, b.timestamps[inp],
-                                         b.timestamps[tgt]))
-            w = torch.repeat_interleave(b.weights, lengths.long() - 1)
-            loss = gathered_sampled_softmax(user, seq.values()[tgt], emb["neg"].values(), b.neg_index, b.hit, w, 0.05)
+        loss = model(b)[0] if fast else padded_step_loss(model, b)
         loss.backward()
         grads.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (loss_j, g_j), (loss_p, g_p) = grads

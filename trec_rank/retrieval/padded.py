@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from trec_rank.models.hstu import HSTUEncoder, pad_ints, time_buckets
-from trec_rank.retrieval.model import normalize
+from trec_rank.retrieval.batch import RetrievalBatch
+from trec_rank.retrieval.model import RetrievalModel, next_item_split, normalize
 
 
 def padded_hstu(enc: HSTUEncoder, emb: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
@@ -58,3 +59,16 @@ def gathered_sampled_softmax(user: torch.Tensor, pos_raw: torch.Tensor, cand_raw
     neg_logit = torch.einsum("pd,prd->pr", user, neg).masked_fill(hit, float("-inf"))
     nll = -F.log_softmax(torch.cat([pos_logit, neg_logit], dim=1) / temperature, dim=1)[:, 0]
     return (nll * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def padded_step_loss(model: RetrievalModel, batch: RetrievalBatch) -> torch.Tensor:
+    """The whole HSTU retrieval loss in the reference layout, with `model`'s own parameters: what
+    `model(batch)[0]` computes through the jagged path."""
+    emb = model.ec(batch.ids)
+    seq, lengths = emb["seq"], emb["seq"].lengths()
+    inp, tgt = next_item_split(lengths)
+    user = normalize(padded_hstu(model.head.encoder, seq.values()[inp], lengths - 1, batch.timestamps[inp],
+                                 batch.timestamps[tgt]))
+    weights = torch.repeat_interleave(batch.weights, lengths.long() - 1)
+    return gathered_sampled_softmax(user, seq.values()[tgt], emb["neg"].values(), batch.neg_index, batch.hit,
+                                    weights, model.head.temperature)
