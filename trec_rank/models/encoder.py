@@ -227,8 +227,7 @@ class FeatureEncoder(nn.Module):
                                                        self.side_embeddings, strict=True):
             parts.append(self._attend(unit, targets, hists, pooled, jagged, sides, embs, batch))
         if self.hstu is not None:
-            if batch is None:
-                raise ValueError(f"{KEY}.hstu: the encoder needs the batch's side columns")
+            assert batch is not None, "needs_batch is set when hstu is: RankingModel passes the batch"
             parts.append(self.hstu(jagged, batch.side))  # [B, D] at the target tokens
         parts.append(dense)
         aux = []
