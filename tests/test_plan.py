@@ -79,6 +79,19 @@ def test_json_round_trip_is_exact() -> None:
     assert moved != plan  # equality is deep: a moved shard is noticed
 
 
+def test_plan_does_not_depend_on_the_process_hash_seed(tmp_path: Path) -> None:
+    # torchrec orders tied options through Python sets: hash seed 2 once chose table_column_wise where
+    # seed 1 chose table_wise, so `trec-rank plan` and the job's collective plan could disagree
+    plans = []
+    for seed in ("1", "2"):
+        out = tmp_path / f"plan-{seed}.json"
+        run_cli("plan", CONFIG, "--world-size", "2", "--local-world-size", "2", "--device", "cpu",
+                "--out", str(out), env={"PYTHONHASHSEED": seed})
+        plans.append(json.loads(out.read_text())["plan"])
+    assert plans[0] == plans[1]
+    assert {t["sharding_type"] for t in plans[0]["model.ebc"].values()} == {"table_wise"}  # first of the ties
+
+
 def test_cpu_and_cuda_topologies_without_a_gpu(capsys: pytest.CaptureFixture) -> None:
     reports = {}
     for device in ("cpu", "cuda"):

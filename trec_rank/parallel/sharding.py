@@ -20,8 +20,10 @@ from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
+from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.planner.types import HardwareConfig, KernelConfig, Topology, TopologyFactory, TrainerConfig
+from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, ShardingOption, Topology,
+                                                TopologyFactory, TrainerConfig)
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
 from trec_rank.config.experiment import ExperimentConfig, OptimConfig
@@ -29,6 +31,8 @@ from trec_rank.config.experiment import ExperimentConfig, OptimConfig
 GIB = 1024**3
 # fbgemm's CPU TBE implements only these in-backward optimizers (see shared notes).
 CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
+# Sharding types in order of preference when the planner's costs tie (simplest layout first).
+DEFAULT_ORDER = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
 
 def sparse_optimizer(cfg: OptimConfig, device_type: str) -> tuple[type, dict]:
@@ -79,7 +83,7 @@ def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterC
         types = list(user.sharding_types) if user and user.sharding_types else None
         kernels = list(user.compute_kernels) if user and user.compute_kernels else None
         if types is None:
-            types = ["table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]
+            types = list(DEFAULT_ORDER[1:])
             if table.name in seq_tables:  # the EC sharder offers no table_row_wise / table_column_wise
                 types = types[:3]
         if table.name in seq_tables and device_type == "cpu":
@@ -105,10 +109,37 @@ def topology(cfg: ExperimentConfig, world_size: int, local_world_size: int, devi
         hardware_config=hardware, kernel_config=KernelConfig(compute_device=device_type))
 
 
+class OrderedEnumerator(EmbeddingEnumerator):
+    """The stock enumerator, with each table's options in the order its constraint lists them.
+
+    torchrec intersects the allowed and constrained sharding types (and kernels) as Python sets, so
+    the option order follows the process's string-hash seed. Options often tie on cost (on CPU,
+    table_wise, column_wise and table_column_wise of a small table cost the same) and the proposers
+    keep the first of equals, so without this the same config gave a different plan from one
+    process to the next: `trec-rank plan` and the job's own collective plan could disagree.
+    """
+
+    def enumerate(self, module: nn.Module, sharders: list[ModuleSharder[nn.Module]]) -> list[ShardingOption]:
+        options = super().enumerate(module, sharders)
+        tables = {o.fqn: i for i, o in reversed(list(enumerate(options)))}
+
+        def key(o: ShardingOption) -> tuple:
+            want = (self._constraints or {}).get(o.name)
+            types = list(want.sharding_types) if want and want.sharding_types else DEFAULT_ORDER
+            kernels = list(want.compute_kernels) if want and want.compute_kernels else []
+            return (tables[o.fqn], types.index(o.sharding_type) if o.sharding_type in types else len(types),
+                    kernels.index(o.compute_kernel) if o.compute_kernel in kernels else len(kernels),
+                    o.compute_kernel)
+        return sorted(options, key=key)
+
+
 def planner(cfg: ExperimentConfig, topo: Topology, device_type: str, batch_size: int | None = None,
             stats: list | None = None) -> EmbeddingShardingPlanner:
+    cons = constraints(cfg, device_type)
+    batch_size = batch_size or cfg.data.batch_size
     return EmbeddingShardingPlanner(
-        topology=topo, batch_size=batch_size or cfg.data.batch_size, constraints=constraints(cfg, device_type),
+        topology=topo, batch_size=batch_size, constraints=cons,
+        enumerator=OrderedEnumerator(topology=topo, batch_size=batch_size, constraints=cons),
         storage_reservation=HeuristicalStorageReservation(percentage=0.15),
         **({"stats": stats} if stats is not None else {}))
 
