@@ -22,8 +22,14 @@ from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
-from torchrec.distributed.planner.types import (HardwareConfig, KernelConfig, ShardingOption, Topology,
-                                                TopologyFactory, TrainerConfig)
+from torchrec.distributed.planner.types import (
+    HardwareConfig,
+    KernelConfig,
+    ShardingOption,
+    Topology,
+    TopologyFactory,
+    TrainerConfig,
+)
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
 from trec_rank.config.experiment import ExperimentConfig, OptimConfig
