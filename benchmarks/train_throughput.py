@@ -11,7 +11,7 @@ gloo on CPU) with evaluation and checkpoints pushed out of the measured window, 
 RUN_DIR/throughput.json (samples/s over the training steps only). Shapes follow issue 4:
 
   base: configs/ml100k_base.yaml, every table dim 16, history 50.
-  din:  benchmarks/configs/din.yaml (ml100k_din_nofeedback-style: Dice, mini-batch-aware L2), every
+  din:  benchmarks/configs/din.yaml (ml100k_din-style: Dice, mini-batch-aware L2), every
         table dim 16, history 50, attention unit [64, 32], top MLP [200, 80].
   din-l2off: the same without the mini-batch-aware L2 (plain DIN, what peer numbers usually are).
   mmoe: benchmarks/configs/mmoe.yaml (adult_mmoe-style), emb 8, 4 experts [64], towers [32],

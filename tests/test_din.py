@@ -314,7 +314,7 @@ def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) 
         tables = {}
         for weight in (0.0, lam):
             cfg = load_config(ROOT / "configs/ml100k_din.yaml", [
-                f"data.path={ml100k_dir}/ranking", "model.params.encoder.feedback.enabled=false",
+                f"data.path={ml100k_dir}/ranking",
                 f"model.params.encoder.l2.weight={weight}", "train.optim.sparse=sgd", f"train.optim.sparse_lr={lr}"])
             dmp = build_train_model(cfg, env)
             before = dmp.state_dict()["model.ec.embeddings.item.weight"].local_shards()[0].tensor.clone()

@@ -166,7 +166,7 @@ def _train_losses(cfg_path: str, sets: list[str], run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in lines]
 
 
-@pytest.mark.parametrize("config", ["configs/ml100k_din.yaml", "configs/adult_mmoe.yaml"])
+@pytest.mark.parametrize("config", ["configs/ml100k_din_feedback.yaml", "configs/adult_mmoe.yaml"])
 def test_training_losses_match_the_reference_step_by_step(config: str, ml100k_dir: Path, adult_dir: Path,
                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     data = ml100k_dir / "ranking" if "ml100k" in config else adult_dir / "adult"

@@ -3,7 +3,7 @@
 The encoder attends each configured behaviour group with the target item as query (unnormalised
 weights), concatenates user/context/candidate features, and the top MLP (paper: 200-80 with Dice)
 scores it. Mini-batch-aware L2 and the explicit-feedback task are encoder options, so they are
-switched on per config (see configs/ml100k_din.yaml).
+switched on per config (see configs/ml100k_din.yaml and configs/ml100k_din_feedback.yaml).
 """
 
 from __future__ import annotations
