@@ -204,7 +204,8 @@ def test_key_sides_add_the_behaviours_rating_embedding_to_each_key(din_cfg, ml_b
 
     bad = copy.deepcopy(ml_batch)
     bad.side["hist_item_id/rating"] = torch.full_like(rating, 6)
-    with pytest.raises(ValueError, match=r"'hist_item_id/rating': values must lie in \[0, 6\)"):
+    with pytest.raises(ValueError,
+                       match=r"'hist_item_id/rating' \(num_values\): values must lie in \[0, 6\), got \[6, 6\]"):
         model(bad)
 
 

@@ -46,7 +46,7 @@ def test_tokens_are_history_then_target_with_next_event_query_times() -> None:
     torch.testing.assert_close(tokens, want)
     assert ts.tolist() == [10, 20, 20, 0, 100, 200, 300, 300]  # the target takes the newest history time
     assert query.tolist() == [20, 20, 20, 0, 200, 300, 300, 300]  # next token's time; targets their own
-    with pytest.raises(ValueError, match="hist_item_id/rating"):
+    with pytest.raises(ValueError, match=r"rating. \(model.params.num_actions\): values must lie in \[0, "):
         over.tokens({"hist_item_id": hist, "item_id": target}, {**side, "hist_item_id/rating": side[
             "hist_item_id/rating"] + 3})
 

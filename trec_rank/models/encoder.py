@@ -28,7 +28,7 @@ from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
 from trec_rank.data.batch import Batch
 from trec_rank.models.attention import AttentionParams, TargetAttention
-from trec_rank.models.embeddings import pool, pooled_dim, pooled_values
+from trec_rank.models.embeddings import checked_side, pool, pooled_dim, pooled_values
 from trec_rank.models.feedback import ExplicitFeedback, FeedbackParams
 from trec_rank.models.frequency import id_counts, train_split_dir
 from trec_rank.models.hstu import HSTUTargetEncoder, HSTUTokenParams
@@ -212,12 +212,9 @@ class FeatureEncoder(nn.Module):
         if batch is None or name not in batch.side:
             raise ValueError(f"attention key side '{name}' is missing from the batch (is it declared as a "
                              "side column of the history in the schema?)")
-        values = batch.side[name].long()
+        values = batch.side[name]
         assert values.shape[0] == n, f"side '{name}' has {values.shape[0]} values for {n} behaviours"
-        if n and (values.min() < 0 or values.max() >= num_values):
-            raise ValueError(f"attention key side '{name}': values must lie in [0, {num_values}) "
-                             f"(num_values), got [{int(values.min())}, {int(values.max())}]")
-        return values
+        return checked_side(values, num_values, f"attention key side '{name}' (num_values)")
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None, dense: torch.Tensor,
                 batch: Batch | None = None) -> Encoded:

@@ -15,7 +15,7 @@ from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
 from trec_rank.config.typed import ConfigError
-from trec_rank.models.embeddings import pool, pooled_dim
+from trec_rank.models.embeddings import checked_side, pool, pooled_dim
 from trec_rank.models.hstu_encoder import (
     HSTUConfig,
     HSTUEncoder,
@@ -107,12 +107,9 @@ class HSTUTargetEncoder(nn.Module):
         h, lengths = hist.values(), hist.lengths().long()
         key = f"{self.p.history}/"
         if self.p.action_side:
-            actions = side[key + self.p.action_side]
-            if actions.numel() and (int(actions.min()) < 0 or int(actions.max()) >= self.p.num_actions):
-                raise ValueError(f"side '{key + self.p.action_side}': values must be in "
-                                 f"[0, {self.p.num_actions}) (model.params.num_actions), "
-                                 f"got [{int(actions.min())}, {int(actions.max())}]")
-            h = h + self.action[actions.long()]
+            actions = checked_side(side[key + self.p.action_side], self.p.num_actions,
+                                   f"side '{key + self.p.action_side}' (model.params.num_actions)")
+            h = h + self.action[actions]
         no_time = h.new_zeros(h.shape[0], dtype=torch.long)
         ts = side[key + self.p.time_side].long() if self.p.time_side else no_time
         b = lengths.numel()
