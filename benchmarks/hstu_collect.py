@@ -78,7 +78,14 @@ def main() -> None:
         for split in ("test", "valid"):
             h, s = means[("hstu", split, "ndcg@10")], means[("sasrec", split, "ndcg@10")]
             goal = " (target: >= +5% on test)" if split == "test" else ""
-            print(f"\n{split} NDCG@10: HSTU {h:.4f} vs SASRec {s:.4f}: {100 * (h / s - 1):+.1f}%{goal}")
+            print(f"\n{split} NDCG@10: HSTU {h:.4f} vs SASRec {s:.4f}: {100 * (h / s - 1):+.2f}%{goal}")
+            by_seed = {(r["encoder"], r["seed"]): r[split]["ndcg@10"] for r in rows}
+            seeds = sorted(seed for enc, seed in by_seed if enc == "hstu" and ("sasrec", seed) in by_seed)
+            diffs = [by_seed[("hstu", seed)] - by_seed[("sasrec", seed)] for seed in seeds]
+            # a mean can rest on one seed: the paired differences say how many seeds agree
+            pairs = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in zip(seeds, diffs, strict=True))
+            ahead = sum(d > 0 for d in diffs)
+            print(f"  paired by seed (HSTU - SASRec): {pairs}; HSTU ahead in {ahead} of {len(diffs)}")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
