@@ -21,6 +21,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from train_throughput import export_revision  # a sibling script: benchmarks/ is on sys.path when run
+
 ROOT = Path(__file__).resolve().parents[1]
 CHILD = """
 import json, sys, tempfile, time
@@ -64,8 +66,7 @@ def main() -> None:
     results: dict[str, tuple[list[float], list[float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp)
-        archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, check=True, capture_output=True)
-        subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+        export_revision(args.baseline, before)
         for _ in range(args.reps):
             for model in args.models.split(","):
                 old, new = results.setdefault(model, ([], []))

@@ -51,6 +51,13 @@ MODELS = {  # name -> (config under ROOT, data under --data, overrides, embeddin
 }
 
 
+def export_revision(rev: str, dest: Path) -> None:
+    """Git revision `rev`'s files under `dest` (git archive: no worktree, no change to this checkout)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "archive", rev], cwd=ROOT, check=True, capture_output=True)
+    subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
+
+
 def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Path, code: Path = ROOT) -> dict:
     config, subdir, sets, _ = MODELS[model]
     sets = [*sets, f"data.path={data / subdir}", f"data.batch_size={batch}", f"train.max_steps={steps}",
@@ -85,25 +92,22 @@ def main() -> None:
     cases = [(m, 256, 1) for m in args.models.split(",")]
     if args.base_sizes:
         cases += [("base", 256, 2), ("base", 4096, 1), ("base", 4096, 2)]
+    cases = [(m, batch, nproc, args.steps if batch == 256 else max(8, args.steps // 8)) for m, batch, nproc in cases]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         before = Path(tmp) / "baseline"
-        if args.baseline:  # the revision's files, exported (no worktree, no change to this checkout)
-            before.mkdir()
-            archive = subprocess.run(["git", "archive", args.baseline], cwd=ROOT, check=True, capture_output=True)
-            subprocess.run(["tar", "-x", "-C", str(before)], input=archive.stdout, check=True)
+        if args.baseline:
+            export_revision(args.baseline, before)
         rates: dict[tuple, tuple[list[float], list[float]]] = {case: ([], []) for case in cases}
         for rep in range(args.repeat):
             for case in cases:
-                model, batch, nproc = case
-                steps = args.steps if batch == 256 else max(8, args.steps // 8)
+                model, batch, nproc, steps = case
                 name = f"{model}-b{batch}-p{nproc}-r{rep}"
                 if args.baseline:  # alternate old/new so both see the same machine load
                     rates[case][1].append(run(model, data, nproc, batch, steps, Path(tmp) / f"old-{name}",
                                               before)["samples_per_s"])
                 rates[case][0].append(run(model, data, nproc, batch, steps, Path(tmp) / name)["samples_per_s"])
-        for (model, batch, nproc), (new, old) in rates.items():
-            steps = args.steps if batch == 256 else max(8, args.steps // 8)
+        for (model, batch, nproc, steps), (new, old) in rates.items():
             rows.append((model, batch, nproc, steps, max(new), old and max(old)))
     print(f"{'model':9} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
           f"{'before':>9} {'speed-up':>8} {'vs peer':>8} {'target':>9}")
