@@ -7,6 +7,9 @@ or the patience; they only decide where to stop and which epoch is reported). Wh
 budget equals the replayed one, the replay must reproduce its metrics.json (checked).
 
     .venv/bin/python benchmarks/hstu_collect.py runs/hstu/t0-default-s0 runs/hstu/hstu-s1 ... --epochs 50 --patience 8
+
+Runs of the reference implementation (benchmarks/hstu_reference.py, encoders `ref-hstu`, `ref-sasrec`)
+can be listed with ours; each of our encoders is then also compared with its reference twin.
 """
 
 from __future__ import annotations
@@ -74,18 +77,25 @@ def main() -> None:
             means[(enc, split, m)] = statistics.mean(vals)
             cells.append(f"{statistics.mean(vals):.4f} +- {sd:.4f}")
         print(f"| **{enc}, mean +- std of {len(mine)}** | | | " + " | ".join(cells) + " |")
-    if ("hstu", "test", "ndcg@10") in means and ("sasrec", "test", "ndcg@10") in means:
+    for pre in ("", "ref-"):  # ours, then the reference implementation's runs when given
+        hstu, sasrec = f"{pre}hstu", f"{pre}sasrec"
+        if (hstu, "test", "ndcg@10") not in means or (sasrec, "test", "ndcg@10") not in means:
+            continue
         for split in ("test", "valid"):
-            h, s = means[("hstu", split, "ndcg@10")], means[("sasrec", split, "ndcg@10")]
-            goal = " (target: >= +5% on test)" if split == "test" else ""
-            print(f"\n{split} NDCG@10: HSTU {h:.4f} vs SASRec {s:.4f}: {100 * (h / s - 1):+.2f}%{goal}")
+            h, s = means[(hstu, split, "ndcg@10")], means[(sasrec, split, "ndcg@10")]
+            goal = " (target: >= +5% on test)" if split == "test" and not pre else ""
+            print(f"\n{split} NDCG@10: {hstu} {h:.4f} vs {sasrec} {s:.4f}: {100 * (h / s - 1):+.2f}%{goal}")
             by_seed = {(r["encoder"], r["seed"]): r[split]["ndcg@10"] for r in rows}
-            seeds = sorted(seed for enc, seed in by_seed if enc == "hstu" and ("sasrec", seed) in by_seed)
-            diffs = [by_seed[("hstu", seed)] - by_seed[("sasrec", seed)] for seed in seeds]
+            seeds = sorted(seed for enc, seed in by_seed if enc == hstu and (sasrec, seed) in by_seed)
+            diffs = [by_seed[(hstu, seed)] - by_seed[(sasrec, seed)] for seed in seeds]
             # a mean can rest on one seed: the paired differences say how many seeds agree
             pairs = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in zip(seeds, diffs, strict=True))
             ahead = sum(d > 0 for d in diffs)
-            print(f"  paired by seed (HSTU - SASRec): {pairs}; HSTU ahead in {ahead} of {len(diffs)}")
+            print(f"  paired by seed ({hstu} - {sasrec}): {pairs}; {hstu} ahead in {ahead} of {len(diffs)}")
+    for ours in ("hstu", "sasrec"):  # runs of benchmarks/hstu_reference.py, when given
+        if (f"ref-{ours}", "test", "ndcg@10") in means and (ours, "test", "ndcg@10") in means:
+            o, r = means[(ours, "test", "ndcg@10")], means[(f"ref-{ours}", "test", "ndcg@10")]
+            print(f"\ntest NDCG@10: our {ours} {o:.4f} vs the reference's {r:.4f}: {100 * (o / r - 1):+.2f}%")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 
