@@ -48,8 +48,9 @@ def collect(run: Path, epochs: int, patience: int) -> dict:
     if own == (epochs, patience) and (run / "metrics.json").is_file():
         saved = json.loads((run / "metrics.json").read_text())
         assert saved == {"valid": best["valid"], "test": best["test"]}, f"{run}: replay != metrics.json"
-    return {"run": run.name, "encoder": cfg["model"]["name"], "seed": cfg["train"]["seed"], "best_epoch": best["epoch"],
-            "last_epoch": last, "valid": best["valid"], "test": best["test"], "own_budget": own}
+    return {"run": f"{run.parent.name}/{run.name}", "encoder": cfg["model"]["name"], "seed": cfg["train"]["seed"],
+            "best_epoch": best["epoch"], "last_epoch": last, "valid": best["valid"], "test": best["test"],
+            "own_budget": own}
 
 
 def main() -> None:
@@ -92,10 +93,14 @@ def main() -> None:
             pairs = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in zip(seeds, diffs, strict=True))
             ahead = sum(d > 0 for d in diffs)
             print(f"  paired by seed ({hstu} - {sasrec}): {pairs}; {hstu} ahead in {ahead} of {len(diffs)}")
-    for ours in ("hstu", "sasrec"):  # runs of benchmarks/hstu_reference.py, when given
-        if (f"ref-{ours}", "test", "ndcg@10") in means and (ours, "test", "ndcg@10") in means:
-            o, r = means[(ours, "test", "ndcg@10")], means[(f"ref-{ours}", "test", "ndcg@10")]
-            print(f"\ntest NDCG@10: our {ours} {o:.4f} vs the reference's {r:.4f}: {100 * (o / r - 1):+.2f}%")
+    for ours in ("hstu", "sasrec"):  # runs of benchmarks/hstu_reference.py, when given: same seeds only
+        test = {(r["encoder"], r["seed"]): r["test"]["ndcg@10"] for r in rows}
+        seeds = sorted(seed for enc, seed in test if enc == f"ref-{ours}" and (ours, seed) in test)
+        if seeds:
+            o = statistics.mean(test[(ours, seed)] for seed in seeds)
+            r = statistics.mean(test[(f"ref-{ours}", seed)] for seed in seeds)
+            print(f"\ntest NDCG@10 over seeds {seeds}: our {ours} {o:.4f} vs the reference's {r:.4f}: "
+                  f"{100 * (o / r - 1):+.2f}%")
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))
 

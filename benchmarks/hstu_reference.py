@@ -57,8 +57,33 @@ GIN = {  # configs/ml-1m/{hstu,sasrec}-sampled-softmax-n128-final.gin of the ref
 MAX_SEQ_LEN, GR_OUTPUT_LENGTH, DIM, DROPOUT = 200, 10, 50, 0.2
 
 
-def build(module: str, num_items: int, corpus: np.ndarray):  # noqa: ANN201 - reference types
-    """The reference model, loss, sampler and optimizer, constructed as its train.py constructs them."""
+class RowWiseAdagrad(torch.optim.Optimizer):
+    """fbgemm's row-wise Adagrad (our item table's optimizer) for one dense [rows, D] parameter.
+
+    state[row] += mean(g[row]^2); w[row] -= lr * g[row] / (sqrt(state[row]) + eps). Rows without a
+    gradient keep their state and weights, as in the sparse kernel.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-8) -> None:  # noqa: ANN001
+        super().__init__(params, {"lr": lr, "eps": eps})
+
+    @torch.no_grad()
+    def step(self) -> None:  # noqa: D102
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                acc = self.state[w].setdefault("sum", torch.zeros(w.shape[0], 1))
+                acc += w.grad.pow(2).mean(1, keepdim=True)
+                w -= group["lr"] * w.grad / (acc.sqrt() + group["eps"])
+
+
+def build(module: str, num_items: int, corpus: np.ndarray, item_lr: float):  # noqa: ANN201 - reference types
+    """The reference model, loss, sampler and optimizer, constructed as its train.py constructs them.
+
+    item_lr > 0 swaps only the optimizer of the item table for ours (row-wise Adagrad at that lr,
+    AdamW on the rest): a control separating the implementation from that one hyperparameter.
+    """
     import gin
     from generative_recommenders.research.modeling.sequential.autoregressive_losses import LocalNegativesSampler
     from generative_recommenders.research.modeling.sequential.embedding_modules import LocalEmbeddingModule
@@ -85,8 +110,11 @@ def build(module: str, num_items: int, corpus: np.ndarray):  # noqa: ANN201 - re
     loss = SampledSoftmaxLoss(num_to_sample=128, softmax_temperature=0.05, model=model, activation_checkpoint=False)
     sampler = LocalNegativesSampler(num_items=num_items, item_emb=model._embedding_module._item_emb,
                                     all_item_ids=corpus.tolist(), l2_norm=True, l2_norm_eps=1e-6)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.98), weight_decay=0.0)
-    return model, loss, sampler, opt
+    table = model._embedding_module._item_emb.weight
+    rest = [w for w in model.parameters() if w is not table]
+    adamw = torch.optim.AdamW(rest if item_lr > 0 else model.parameters(), lr=1e-3, betas=(0.9, 0.98),
+                              weight_decay=0.0)
+    return model, loss, sampler, ([adamw, RowWiseAdagrad([table], item_lr)] if item_lr > 0 else [adamw])
 
 
 def features(window: Window):  # noqa: ANN201 - reference SequentialFeatures
@@ -113,14 +141,15 @@ def features(window: Window):  # noqa: ANN201 - reference SequentialFeatures
     return seq, target_ids
 
 
-def train_epoch(model, loss_fn, sampler, opt, reader: SplitReader, epoch: int) -> float:  # noqa: ANN001
+def train_epoch(model, loss_fn, sampler, opts, reader: SplitReader, epoch: int) -> float:  # noqa: ANN001
     """One pass of train.py's inner loop; returns the mean loss."""
     model.train()
     losses = []
     for _, window in reader.batches(epoch):
         seq, target_ids = features(window)
         seq.past_ids.scatter_(dim=1, index=seq.past_lengths.view(-1, 1), src=target_ids.view(-1, 1))
-        opt.zero_grad()
+        for opt in opts:
+            opt.zero_grad()
         emb = model.get_item_embeddings(seq.past_ids)
         out = model(past_lengths=seq.past_lengths, past_ids=seq.past_ids, past_embeddings=emb,
                     past_payloads=seq.past_payloads)
@@ -130,7 +159,8 @@ def train_epoch(model, loss_fn, sampler, opt, reader: SplitReader, epoch: int) -
                           supervision_embeddings=emb[:, 1:, :], supervision_weights=(sup != 0).float(),
                           negatives_sampler=sampler, **seq.past_payloads)
         loss.backward()
-        opt.step()
+        for opt in opts:
+            opt.step()
         losses.append(loss.item())
     return float(np.mean(losses))
 
@@ -163,6 +193,8 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=100)
     p.add_argument("--patience", type=int, default=15)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--item-lr", type=float, default=0.0,
+                   help="> 0: row-wise Adagrad at this lr for the item table (ours: 0.05), a control run")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     if not (args.reference / "generative_recommenders").is_dir():
@@ -176,18 +208,20 @@ def main() -> None:
     seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
     corpus = seqs.corpus()
     readers = {s: SplitReader(seqs, s, cfg, 128, 0, 1, shuffle=(s == "train")) for s in ("train", "valid", "test")}
-    model, loss_fn, sampler, opt = build(args.module, cfg.item.num_embeddings - 1, corpus)
+    model, loss_fn, sampler, opts = build(args.module, cfg.item.num_embeddings - 1, corpus, args.item_lr)
     args.out.mkdir(parents=True, exist_ok=True)
-    name = f"ref-{args.module.lower()}"
+    name = f"ref-{args.module.lower()}" + (f"-item-adagrad{args.item_lr:g}" if args.item_lr > 0 else "")
     (args.out / "config.json").write_text(json.dumps({
         "kind": "reference", "model": {"name": name}, "data": {"path": str(data_path(cfg)), "batch_size": 128},
         "train": {"seed": args.seed, "epochs": args.epochs, "patience": args.patience},
-        "eval": {"early_stop_metric": "ndcg@10", "ks": cfg.eval.ks}, "gin": GIN[args.module]}, indent=1))
+        "eval": {"early_stop_metric": "ndcg@10", "ks": cfg.eval.ks}, "gin": GIN[args.module],
+        "item_optimizer": f"rowwise_adagrad lr {args.item_lr:g}" if args.item_lr > 0 else "adamw (as train.py)"},
+        indent=1))
     history = (args.out / "metrics_history.jsonl").open("w")
     best, bad = None, 0
     for epoch in range(1, args.epochs + 1):
         t0 = time.perf_counter()
-        loss = train_epoch(model, loss_fn, sampler, opt, readers["train"], epoch - 1)
+        loss = train_epoch(model, loss_fn, sampler, opts, readers["train"], epoch - 1)
         row = {"epoch": epoch, "loss": loss, **{s: evaluate(model, readers[s], corpus, cfg.eval.ks)
                                                  for s in ("valid", "test")}}
         history.write(json.dumps(row) + "\n")
