@@ -93,8 +93,8 @@ def main() -> None:
             pairs = ", ".join(f"seed {seed} {d:+.4f}" for seed, d in zip(seeds, diffs, strict=True))
             ahead = sum(d > 0 for d in diffs)
             print(f"  paired by seed ({hstu} - {sasrec}): {pairs}; {hstu} ahead in {ahead} of {len(diffs)}")
+    test = {(r["encoder"], r["seed"]): r["test"]["ndcg@10"] for r in rows}
     for ours in ("hstu", "sasrec"):  # runs of benchmarks/hstu_reference.py, when given: same seeds only
-        test = {(r["encoder"], r["seed"]): r["test"]["ndcg@10"] for r in rows}
         seeds = sorted(seed for enc, seed in test if enc == f"ref-{ours}" and (ours, seed) in test)
         if seeds:
             o = statistics.mean(test[(ours, seed)] for seed in seeds)
