@@ -54,7 +54,7 @@ GIN = {  # configs/ml-1m/{hstu,sasrec}-sampled-softmax-n128-final.gin of the ref
     "SASRec": ["sasrec_encoder.num_blocks = 2", "sasrec_encoder.num_heads = 1", "sasrec_encoder.ffn_dropout_rate = 0.2",
                "sasrec_encoder.ffn_hidden_dim = 50", 'sasrec_encoder.ffn_activation_fn = "relu"'],
 }
-MAX_SEQ_LEN, GR_OUTPUT_LENGTH, DIM, DROPOUT = 200, 10, 50, 0.2
+MAX_SEQ_LEN, GR_OUTPUT_LENGTH, DIM, DROPOUT, BATCH = 200, 10, 50, 0.2, 128  # train.py's ML-1M settings
 
 
 class RowWiseAdagrad(torch.optim.Optimizer):
@@ -207,12 +207,12 @@ def main() -> None:
     cfg = load_retrieval_config(args.config, [f"data.seed={args.seed}"])
     seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
     corpus = seqs.corpus()
-    readers = {s: SplitReader(seqs, s, cfg, 128, 0, 1, shuffle=(s == "train")) for s in ("train", "valid", "test")}
+    readers = {s: SplitReader(seqs, s, cfg, BATCH, 0, 1, shuffle=(s == "train")) for s in ("train", "valid", "test")}
     model, loss_fn, sampler, opts = build(args.module, cfg.item.num_embeddings - 1, corpus, args.item_lr)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"ref-{args.module.lower()}" + (f"-item-adagrad{args.item_lr:g}" if args.item_lr > 0 else "")
     (args.out / "config.json").write_text(json.dumps({
-        "kind": "reference", "model": {"name": name}, "data": {"path": str(data_path(cfg)), "batch_size": 128},
+        "kind": "reference", "model": {"name": name}, "data": {"path": str(data_path(cfg)), "batch_size": BATCH},
         "train": {"seed": args.seed, "epochs": args.epochs, "patience": args.patience},
         "eval": {"early_stop_metric": "ndcg@10", "ks": cfg.eval.ks}, "gin": GIN[args.module],
         "item_optimizer": f"rowwise_adagrad lr {args.item_lr:g}" if args.item_lr > 0 else "adamw (as train.py)"},
