@@ -1,6 +1,6 @@
-"""What plain eager PyTorch does on this machine at the issue's shapes, with no TorchRec at all.
+"""What plain PyTorch does on this machine at the issue's shapes, with no TorchRec at all.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eager_floor.py [--json]
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/eager_floor.py [--json] [--compile] [--threads 1,2]
 
 A bound for benchmarks/train_throughput.py, measured in the same run: one training step
 (forward, backward, Adam on the dense part, Adagrad on one nn.Embedding) on synthetic batches of
@@ -9,12 +9,17 @@ A bound for benchmarks/train_throughput.py, measured in the same run: one traini
   din:  trec_rank's TargetAttention (Dice, [64, 32], factorised) over 35 behaviours per row on
         average (ml-100k's mean history length, max 50) of 32-d keys (item + genre at 16 each),
         then the Dice top MLP [200, 80]; no embedding lookups, no L2.
+--compile adds the same steps with the forward and loss under torch.compile (inductor, C++ kernels
+for the elementwise chains; dynamic shapes, since DIN's behaviour count changes per batch), and
+--threads measures each at those intra-op thread counts (the machine has 2 cores). If even the
+compiled, TorchRec-free dense step is slower than a throughput target, no trainer built on this
+stack reaches that target here.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import time
 from collections.abc import Callable
 
@@ -27,6 +32,7 @@ from trec_rank.models.dice import make_activation
 from trec_rank.models.layers import MLP
 
 B = 256
+Loss = Callable[[], torch.Tensor]
 
 
 def _time(step: Callable[[], None], warmup: int = 10, reps: int = 5, n: int = 30) -> float:
@@ -42,7 +48,7 @@ def _time(step: Callable[[], None], warmup: int = 10, reps: int = 5, n: int = 30
     return best
 
 
-def mmoe_step() -> Callable[[], None]:
+def mmoe_loss() -> tuple[Loss, list[torch.optim.Optimizer]]:
     g = torch.Generator().manual_seed(0)
     emb = nn.Embedding(12 * 42, 8)
     ids, dense = torch.randint(0, 12 * 42, (B, 12), generator=g), torch.randn(B, 6, generator=g)
@@ -51,25 +57,20 @@ def mmoe_step() -> Callable[[], None]:
     experts = nn.ModuleList([MLP(width, [64]) for _ in range(4)])
     gates = nn.ModuleList([nn.Linear(width, 4) for _ in range(2)])
     towers = nn.ModuleList([nn.Sequential(MLP(64, [32]), nn.Linear(32, 1)) for _ in range(2)])
-    dense_opt = torch.optim.Adam([*experts.parameters(), *gates.parameters(), *towers.parameters()], foreach=True)
+    dense_opt = torch.optim.Adam([*experts.parameters(), *gates.parameters(), *towers.parameters()], fused=True)
     sparse_opt = torch.optim.Adagrad(emb.parameters(), lr=0.05)
 
-    def step() -> None:
+    def loss() -> torch.Tensor:
         x = torch.cat([emb(ids).flatten(1), dense], dim=1)
         e = torch.stack([m(x) for m in experts], dim=1)
-        loss = sum(F.binary_cross_entropy_with_logits(
-            towers[t](torch.einsum("bn,bnh->bh", torch.softmax(gates[t](x), -1), e)).squeeze(-1), labels[:, t])
-            for t in range(2))
-        dense_opt.zero_grad()
-        sparse_opt.zero_grad()
-        loss.backward()
-        dense_opt.step()
-        sparse_opt.step()
+        mixed = [(torch.softmax(gates[t](x), -1).unsqueeze(-1) * e).sum(1) for t in range(2)]
+        return sum(F.binary_cross_entropy_with_logits(towers[t](mixed[t]).squeeze(-1), labels[:, t])
+                   for t in range(2))
 
-    return step
+    return loss, [dense_opt, sparse_opt]
 
 
-def din_step() -> Callable[[], None]:
+def din_loss() -> tuple[Loss, list[torch.optim.Optimizer]]:
     g = torch.Generator().manual_seed(0)
     lengths = torch.randint(0, 71, (B,), generator=g).clamp(max=50)  # mean ~35
     keys = torch.randn(int(lengths.sum()), 32, generator=g, requires_grad=True)
@@ -78,28 +79,54 @@ def din_step() -> Callable[[], None]:
     labels = torch.randint(0, 2, (B,), generator=g).float()
     unit = TargetAttention(32, AttentionParams(hidden=[64, 32]))
     top = nn.Sequential(MLP(194, [200, 80], act=make_activation("dice")), nn.Linear(80, 1))
-    opt = torch.optim.Adam([*unit.parameters(), *top.parameters()], foreach=True)
+    opt = torch.optim.Adam([*unit.parameters(), *top.parameters()], fused=True)
+
+    def loss() -> torch.Tensor:
+        h = torch.cat([other, unit(query, keys, lengths)], dim=1)
+        return F.binary_cross_entropy_with_logits(top(h).squeeze(-1), labels)
+
+    return loss, [opt]
+
+
+def make_step(build: Callable[[], tuple[Loss, list[torch.optim.Optimizer]]], compiled: bool) -> Callable[[], None]:
+    loss_fn, optimizers = build()
+    if compiled:
+        loss_fn = torch.compile(loss_fn, dynamic=True)
 
     def step() -> None:
-        h = torch.cat([other, unit(query, keys, lengths)], dim=1)
-        loss = F.binary_cross_entropy_with_logits(top(h).squeeze(-1), labels)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        for opt in optimizers:
+            opt.zero_grad()
+        loss_fn().backward()
+        for opt in optimizers:
+            opt.step()
 
     return step
 
 
-def floors() -> dict[str, float]:
-    """model -> samples/s of the eager step."""
-    return {name: B / _time(make()) for name, make in (("din", din_step), ("mmoe", mmoe_step))}
+def floors(compiled: bool = False) -> dict[str, float]:
+    """model -> samples/s of the step (eager, or with the forward under torch.compile)."""
+    return {name: B / _time(make_step(build, compiled)) for name, build in (("din", din_loss), ("mmoe", mmoe_loss))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--json", action="store_true", help="print {model: samples/s} of the eager step only, at "
+                   "OMP_NUM_THREADS threads")
+    p.add_argument("--compile", action="store_true", help="also the torch.compile'd step")
+    p.add_argument("--threads", default="", help="comma-separated intra-op thread counts (default: "
+                   "OMP_NUM_THREADS as set)")
+    args = p.parse_args()
+    if args.json:
+        print(json.dumps(floors()))
+        return
+    threads = [int(t) for t in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    print(f"{'model':5} {'step':8} {'threads':>7} {'samples/s':>10} {'ms/step':>8}")
+    for n in threads:
+        torch.set_num_threads(n)
+        for mode in ("eager", "compiled") if args.compile else ("eager",):
+            for name, rate in floors(mode == "compiled").items():
+                print(f"{name:5} {mode:8} {n:>7} {rate:>10,.0f} {1000 * B / rate:>8.2f}", flush=True)
 
 
 if __name__ == "__main__":
-    torch.set_num_threads(1)
-    result = floors()
-    if sys.argv[1:] == ["--json"]:
-        print(json.dumps(result))
-    else:
-        for name, rate in result.items():
-            print(f"{name:5} eager floor: {rate:>9,.0f} samples/s ({1000 * B / rate:.2f} ms/step)")
+    main()

@@ -4,6 +4,7 @@
         [--baseline REV]  # also run every row on the code of git revision REV: before/after in one run
         [--repeat N]      # N alternating measurements per row, the best (least disturbed) reported
         [--base-sizes]    # also the base model at batch 4096 and on 2 processes (the earlier table)
+        [--threads N]     # intra-op threads per process (OMP_NUM_THREADS; default 1)
 
 Every row runs the real CLI (`trec-rank train` under torch.distributed.run: DMP + planner,
 fused row-wise Adagrad tables, Adam dense optimizer, TrainPipelineSparseDist, Parquet loader,
@@ -19,8 +20,8 @@ RUN_DIR/throughput.json (samples/s over the training steps only). Shapes follow 
 The DIN/MMoE configs are pinned under benchmarks/configs/ so that --baseline runs (which use the
 revision's code but always this checkout's config files) train exactly the same model.
 
-All at batch 256, one process, OMP_NUM_THREADS=1 (the machine is shared; wall times move with
-the load, so compare rows of one run). "vs peer" divides by the fastest peer number the issue
+All at batch 256, one process, OMP_NUM_THREADS=1 unless --threads (the machine is shared; wall
+times move with the load, so compare rows of one run). "vs peer" divides by the fastest peer number the issue
 quotes at batch 256 (DIN 6.6k, multi-task towers 53k samples/s); the target is 3x.
 """
 
@@ -58,7 +59,8 @@ def export_revision(rev: str, dest: Path) -> None:
     subprocess.run(["tar", "-x", "-C", str(dest)], input=archive.stdout, check=True)
 
 
-def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Path, code: Path = ROOT) -> dict:
+def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Path, code: Path = ROOT,
+        threads: int = 1) -> dict:
     config, subdir, sets, _ = MODELS[model]
     sets = [*sets, f"data.path={data / subdir}", f"data.batch_size={batch}", f"train.max_steps={steps}",
             "data.eval_splits=[]", "train.checkpoint_every=1000000", "train.epochs=1000",
@@ -67,7 +69,7 @@ def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Pat
            "-m", "trec_rank.cli", "train", str(ROOT / config), "--run-dir", str(run_dir)]
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(code)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(code)}
     proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=1800)
     if proc.returncode:
         sys.exit(f"{model} failed:\n{proc.stderr[-3000:]}")
@@ -83,6 +85,7 @@ def main() -> None:
     p.add_argument("--baseline", default="", help="git revision to measure too (its trec_rank, same venv)")
     p.add_argument("--repeat", type=int, default=1, help="measure every row this many times; report the best")
     p.add_argument("--base-sizes", action="store_true", help="also base at batch 4096 and on 2 processes")
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads per process (OMP_NUM_THREADS)")
     args = p.parse_args()
     data = Path(args.data)
     for name in ("ml-100k", "adult"):
@@ -105,8 +108,9 @@ def main() -> None:
                 name = f"{model}-b{batch}-p{nproc}-r{rep}"
                 if args.baseline:  # alternate old/new so both see the same machine load
                     rates[case][1].append(run(model, data, nproc, batch, steps, Path(tmp) / f"old-{name}",
-                                              before)["samples_per_s"])
-                rates[case][0].append(run(model, data, nproc, batch, steps, Path(tmp) / name)["samples_per_s"])
+                                              before, args.threads)["samples_per_s"])
+                rates[case][0].append(run(model, data, nproc, batch, steps, Path(tmp) / name, ROOT,
+                                          args.threads)["samples_per_s"])
         for (model, batch, nproc, steps), (new, old) in rates.items():
             rows.append((model, batch, nproc, steps, max(new), old and max(old)))
     print(f"{'model':9} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
@@ -118,7 +122,7 @@ def main() -> None:
         was, gain = (f"{old:,.0f}", f"{rate / old:.2f}x") if old else ("-", "-")
         print(f"{model:9} {MODELS[model][3]:>4} {batch:>6} {nproc:>5} {steps:>5} {rate:>10,.0f} {ms:>8.2f} "
               f"{was:>9} {gain:>8} {ratio:>8} {target:>9}")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
     floor = json.loads(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eager_floor.py"), "--json"],
                                       env=env, check=True, capture_output=True, text=True).stdout)
     for model, rate in floor.items():

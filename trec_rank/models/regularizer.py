@@ -80,29 +80,36 @@ class MiniBatchL2(nn.Module):
 
     def _occurrences(self, name: str, in_sequence: bool, pooled: KeyedTensor | None,
                      jagged: dict[str, JaggedTensor] | None, batch: Batch
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ids [M], looked-up rows [M, D]) of one feature, from rows with weight > 0."""
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [M], looked-up rows [M, D], keep [M] float: 1 for rows with weight > 0) of one feature.
+
+        Sequence occurrences are masked by `keep` rather than selected: boolean indexing of the
+        [N, D] rows, and its index_put backward, cost more than the whole penalty."""
         if in_sequence:
             ids, lengths = batch.seq_feature(name)
             rows = jagged[name].values()
-            keep = batch.weights[segment_ids(lengths)] > 0
-            return ids[keep], rows[keep]
+            keep = (batch.weights[segment_ids(lengths)] > 0).to(rows.dtype)
+            return ids, rows, keep
         kjt = batch.sparse[name]
         lengths = kjt.lengths()
         keep = (lengths == 1) & (batch.weights > 0)
         starts = kjt.offsets()[:-1]
-        return kjt.values()[starts[keep]], pooled[name][keep]
+        rows = pooled[name][keep]
+        return kjt.values()[starts[keep]], rows, rows.new_ones(rows.shape[0])
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 batch: Batch) -> torch.Tensor:
-        by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
         for name, table, in_sequence in self.features:
             by_table.setdefault(table, []).append(self._occurrences(name, in_sequence, pooled, jagged, batch))
         total = batch.dense.new_zeros(())
         for table, parts in by_table.items():
-            ids = torch.cat([i for i, _ in parts])
-            rows = torch.cat([r for _, r in parts])
-            _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-            w = self.inverse_frequency(table, ids.device)[ids] / counts[inverse].to(rows.dtype)
-            total = total + (w * rows.pow(2).sum(dim=1)).sum()
+            inv_freq = self.inverse_frequency(table, batch.dense.device)
+            # c_j, the kept occurrences of id j in the batch over every feature of the table: a
+            # bincount over the table's rows, not a sort (torch.unique) of the batch's ids
+            counts = torch.bincount(torch.cat([i for i, _, _ in parts]), weights=torch.cat([k for _, _, k in parts]),
+                                    minlength=inv_freq.numel())
+            scale = inv_freq / counts.clamp(min=1.0)  # [table_rows]: 1 / (n_j c_j)
+            for ids, rows, keep in parts:
+                total = total + (scale[ids] * keep * rows.pow(2).sum(dim=1)).sum()
         return self.weight * total
