@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
+from score import cli  # a sibling script: benchmarks/ is on sys.path when run
 
 from trec_rank.train.metrics import auc
 
@@ -36,27 +34,19 @@ TARGETS = {"ctcvr": 0.954, "cvr": 0.933}
 LABELS = "income,never_married,never_married_and_income"
 
 
-def cli(*args: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", "trec_rank.cli", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        sys.exit(f"trec-rank {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-
-
 def train(config: str, data: Path, seed: int, run_dir: Path) -> dict:
     """metrics.json of one run (reused when run_dir already has it)."""
     if not (run_dir / "metrics.json").exists():
-        cli("train", config, "--run-dir", str(run_dir), "--set", f"data.path={data}",
-            "--set", f"train.seed={seed}", "--set", f"data.seed={seed}")
+        cli(["train", config, "--run-dir", str(run_dir), "--set", f"data.path={data}",
+             "--set", f"train.seed={seed}", "--set", f"data.seed={seed}"], 1)
     return json.loads((run_dir / "metrics.json").read_text())
 
 
 def reference_aucs(run_dir: Path, data: Path, split: str, out: Path) -> dict[str, float]:
     """The MMoE reference's CVR and CTCVR AUCs on one split, from `trec-rank score` output."""
     if not (out / "_SUCCESS").exists():
-        cli("score", "configs/adult_mmoe.yaml", "--checkpoint", str(run_dir), "--input", str(data / split),
-            "--output", str(out), "--set", f"data.path={data}", "--passthrough", LABELS)
+        cli(["score", "configs/adult_mmoe.yaml", "--checkpoint", str(run_dir), "--input", str(data / split),
+             "--output", str(out), "--set", f"data.path={data}", "--passthrough", LABELS], 1)
     t = {k: np.asarray(v) for k, v in pq.read_table(out).to_pydict().items()}
     clicked = t["never_married"] == 1
     return {"cvr": auc(t["p_income"][clicked], t["income"][clicked]),
@@ -75,7 +65,7 @@ def main() -> None:
     for k in (int(s) for s in args.splits.split(",")):
         root = work / f"split{k}"
         if not (root / "adult").is_dir():
-            cli("data", "adult", "--out", str(root), "--seed", str(k))
+            cli(["data", "adult", "--out", str(root), "--seed", str(k)], 1)
         data = root / "adult"
         for seed in (int(s) for s in args.seeds.split(",")):
             esmm = train("configs/adult_esmm.yaml", data, seed, root / f"esmm_s{seed}")

@@ -45,6 +45,7 @@ sys.path.insert(0, str(ROOT))
 
 from trec_rank.retrieval.config import load_retrieval_config  # noqa: E402
 from trec_rank.retrieval.data import SplitReader, Window, read_sequences  # noqa: E402
+from trec_rank.retrieval.evaluate import corpus_columns  # noqa: E402
 from trec_rank.retrieval.metrics import RankingMetrics, target_ranks  # noqa: E402
 from trec_rank.retrieval.trainer import data_path  # noqa: E402
 
@@ -169,10 +170,9 @@ def train_epoch(model, loss_fn, sampler, opts, reader: SplitReader, epoch: int) 
 def evaluate(model, reader: SplitReader, corpus: np.ndarray, ks: list[int]) -> dict[str, float]:  # noqa: ANN001
     """The reference's user embedding (`encode`, the output at the last history position) ranked by our metrics."""
     model.eval()
-    ids = torch.from_numpy(corpus)
-    table = torch.nn.functional.normalize(model.get_item_embeddings(ids), dim=-1, eps=1e-6)  # [C, D]
-    column = torch.full((int(corpus.max()) + 1,), -1, dtype=torch.long)
-    column[ids] = torch.arange(len(corpus))
+    table = torch.nn.functional.normalize(model.get_item_embeddings(torch.from_numpy(corpus)), dim=-1,
+                                          eps=1e-6)  # [C, D]
+    column = corpus_columns(corpus, torch.device("cpu"))
     metrics = RankingMetrics(ks, torch.device("cpu"))
     for _, window in reader.batches():
         seq, target_ids = features(window)

@@ -40,6 +40,13 @@ def item_table(model: RetrievalModel, corpus: np.ndarray, device: torch.device) 
     return normalize(rows[:len(corpus)])
 
 
+def corpus_columns(corpus: np.ndarray, device: torch.device) -> torch.Tensor:
+    """item id -> its column in the [C, D] corpus table: [max id + 1] long, -1 off the corpus."""
+    column = torch.full((int(corpus.max()) + 1,), -1, dtype=torch.long, device=device)
+    column[torch.from_numpy(corpus).to(device)] = torch.arange(len(corpus), device=device)
+    return column
+
+
 @torch.no_grad()
 def evaluate_split(model: RetrievalModel, reader: SplitReader, corpus: np.ndarray, ks: list[int],
                    device: torch.device) -> dict[str, float]:
@@ -50,8 +57,7 @@ def evaluate_split(model: RetrievalModel, reader: SplitReader, corpus: np.ndarra
     was_training = model.training
     model.eval()
     table = item_table(model, corpus, device)  # [C, D]
-    column = torch.full((int(corpus.max()) + 1,), -1, dtype=torch.long, device=device)
-    column[torch.from_numpy(corpus).to(device)] = torch.arange(len(corpus), device=device)
+    column = corpus_columns(corpus, device)
     metrics = RankingMetrics(ks, device)
     for _, window in reader.batches():
         batch = eval_batch(window).to(device)
