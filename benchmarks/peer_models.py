@@ -114,7 +114,7 @@ def run_rechub(spec: dict, train: dict, valid: dict) -> tuple[float, np.ndarray]
         return {k: v for k, v in rows.items() if k not in tasks and k != "seq_length"}, y
 
     x_tr, y_tr = loader_args(train)
-    x_va, y_va = loader_args(valid)
+    x_va, y_va = loader_args(valid or train)  # no valid rows when not evaluating (vocab_sweep.py)
     train_dl, valid_dl, _ = DataGenerator(x_tr, y_tr).generate_dataloader(x_va, y_va, x_va, y_va, batch_size=batch)
     t0 = time.perf_counter()
     trainer.train_one_epoch(train_dl)
