@@ -24,8 +24,11 @@ PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
 HERE = Path(__file__).resolve().parent
 MAX_LEN = 50
 TREC = "trec-rank"
+TREC_L2OFF = "trec-rank-l2off"
+TRECS = {TREC: [], TREC_L2OFF: ["model.params.encoder.l2.weight=0"]}  # system -> extra --set overrides
 PEERS = ("deepctr", "rechub")
-LABELS = {"deepctr": "DeepCTR-Torch 0.3.0", "rechub": "torch-rechub 0.9.0", TREC: TREC}
+LABELS = {"deepctr": "DeepCTR-Torch 0.3.0", "rechub": "torch-rechub 0.9.0", TREC: TREC,
+          TREC_L2OFF: "trec-rank L2 off"}
 
 
 def schema_of(config: Path) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:

@@ -9,7 +9,7 @@ arrays (benchmarks/peer_runs.py). Same shapes (issue 18):
   din:  MovieLens-100K `ranking/`: user, age, gender, occupation, target item and its genre, the
         item and genre histories (last 50); embeddings 16, Dice activation unit [64, 32] over
         [q, k, q-k, q*k], MLP [200, 80]. trec-rank: benchmarks/configs/din_peers.yaml (din.yaml on
-        these features only; its mini-batch-aware L2 on).
+        these features only), with its mini-batch-aware L2 and without it ("L2 off": plain DIN).
   mmoe: census `adult/`: 13 id + 6 dense features, 2 tasks (income, never_married); embeddings 8,
         4 experts [64], towers [32]. trec-rank: benchmarks/configs/mmoe.yaml.
 Each system trains one epoch of the train split through its own loop (trec-rank's CLI `train`;
@@ -29,7 +29,20 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from peer_runs import LABELS, PEERS, ROOT, TREC, peer_columns, read_split, run_peer, run_trec, schema_of, write_npz
+from peer_runs import (
+    LABELS,
+    PEERS,
+    ROOT,
+    TREC,
+    TREC_L2OFF,
+    TRECS,
+    peer_columns,
+    read_split,
+    run_peer,
+    run_trec,
+    schema_of,
+    write_npz,
+)
 
 CASES = {  # model -> (trec-rank config, data dir under --data, peer table shifts (0 must be padding))
     "din": ("benchmarks/configs/din_peers.yaml", "ml-100k/ranking", {"genre": 1}),
@@ -50,11 +63,12 @@ def export(model: str, data: Path, rows: int, dest: Path) -> tuple[Path, dict[st
 def measure(model: str, batch: int, args: argparse.Namespace, tmp: Path, npz: Path, vocab: dict, rep: int) -> dict:
     config, sub, _ = CASES[model]
     results = {}
-    for system in (TREC, *PEERS):
+    for system in (TREC, TREC_L2OFF, *PEERS) if model == "din" else (TREC, *PEERS):
         name = tmp / f"{model}-{batch}-{system}-{rep}"
-        if system == TREC:
-            sets = [f"data.path={Path(args.data).resolve() / sub}", f"data.batch_size={batch}", "train.epochs=1",
-                    "data.eval_splits=[valid]", "data.eval_batch_size=2048", "train.log_every=1000000"]
+        if system in TRECS:
+            sets = [*TRECS[system], f"data.path={Path(args.data).resolve() / sub}", f"data.batch_size={batch}",
+                    "train.epochs=1", "data.eval_splits=[valid]", "data.eval_batch_size=2048",
+                    "train.log_every=1000000"]
             if args.rows:
                 sets.append(f"train.max_steps={max(1, args.rows // batch)}")
             results[system] = run_trec(ROOT / config, sets, name, args.threads)

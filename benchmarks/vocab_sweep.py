@@ -31,11 +31,10 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from peer_runs import LABELS, MAX_LEN, ROOT, TREC, peer_columns, run_peer, run_trec, schema_of, write_npz
+from peer_runs import LABELS, MAX_LEN, ROOT, TREC, TRECS, peer_columns, run_peer, run_trec, schema_of, write_npz
 
 CONFIG = ROOT / "benchmarks" / "configs" / "din_peers.yaml"
 GENRES = 19  # genre ids 1..19 (0 stays free for the peers' padding), the genre table has 20 rows
-TRECS = {TREC: [], "trec-rank-l2off": ["model.params.encoder.l2.weight=0"]}
 HASH = 2_654_435_761  # a prime: id -> id * HASH mod (size - 1) permutes [0, size - 1)
 
 
