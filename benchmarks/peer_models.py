@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -65,9 +64,8 @@ def run_deepctr(spec: dict, train: dict, valid: dict) -> tuple[float, np.ndarray
         model.compile("adam", "binary_crossentropy")
         tasks = DIN_TASKS
     else:
-        sparse = [c for c in spec["vocab"]]
         dense = [c for c in train if c.endswith("_f")]
-        cols = [SparseFeat(c, vocab[c], 8) for c in sparse] + [DenseFeat(c, 1) for c in dense]
+        cols = [SparseFeat(c, rows, 8) for c, rows in vocab.items()] + [DenseFeat(c, 1) for c in dense]
         model = MMOE(cols, num_experts=4, expert_dnn_hidden_units=(64,), gate_dnn_hidden_units=(),
                      tower_dnn_hidden_units=(32,), task_types=("binary", "binary"), task_names=tuple(MMOE_TASKS),
                      device="cpu")
@@ -94,19 +92,18 @@ def run_rechub(spec: dict, train: dict, valid: dict) -> tuple[float, np.ndarray]
     from torch_rechub.utils.data import DataGenerator
 
     vocab, batch = spec["vocab"], spec["batch"]
-    tmp = tempfile.mkdtemp()
     if spec["model"] == "din":
         features = [SparseFeature(c, vocab[c], 16) for c in DIN_USER]
         targets = [SparseFeature(c, vocab[c], 16, padding_idx=0) for c in DIN_TARGET]
         history = [SequenceFeature(h, vocab[t], 16, pooling="concat", shared_with=t) for t, h in DIN_TARGET.items()]
         model = DIN(features, history, targets, mlp_params={"dims": [200, 80]},
                     attention_mlp_params={"dims": [64, 32], "activation": "dice"})
-        trainer = CTRTrainer(model, n_epoch=1, device="cpu", model_path=tmp)
+        trainer = CTRTrainer(model, n_epoch=1, device="cpu")  # train_one_epoch saves nothing
         tasks = DIN_TASKS
     else:
         features = [SparseFeature(c, vocab[c], 8) for c in vocab] + [DenseFeature(c) for c in train if c.endswith("_f")]
         model = MMOE(features, ["classification", "classification"], 4, {"dims": [64]}, [{"dims": [32]}] * 2)
-        trainer = MTLTrainer(model, ["classification", "classification"], n_epoch=1, device="cpu", model_path=tmp)
+        trainer = MTLTrainer(model, ["classification", "classification"], n_epoch=1, device="cpu")
         tasks = MMOE_TASKS
 
     def loader_args(rows: dict) -> tuple[dict, np.ndarray]:
