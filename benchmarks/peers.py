@@ -1,0 +1,118 @@
+"""Training speed of DIN and MMoE in trec-rank against DeepCTR-Torch and torch-rechub, one table, one run.
+
+    bash scripts/peers_venv.sh        # once: .venv-peers with the peer libraries
+    .venv/bin/python benchmarks/peers.py [--batches 256,2048] [--models din,mmoe] [--threads 2]
+        [--repeat N] [--rows N]      # --rows: only the first N train/valid rows (smoke runs)
+
+Same rows for every system: trec-rank reads the Parquet splits, the peers get the same rows as numpy
+arrays (benchmarks/peer_runs.py). Same shapes (issue 18):
+  din:  MovieLens-100K `ranking/`: user, age, gender, occupation, target item and its genre, the
+        item and genre histories (last 50); embeddings 16, Dice activation unit [64, 32] over
+        [q, k, q-k, q*k], MLP [200, 80]. trec-rank: benchmarks/configs/din_peers.yaml (din.yaml on
+        these features only), with its mini-batch-aware L2 and without it ("L2 off": plain DIN).
+  mmoe: census `adult/`: 13 id + 6 dense features, 2 tasks (income, never_married); embeddings 8,
+        4 experts [64], towers [32]. trec-rank: benchmarks/configs/mmoe.yaml.
+Each system trains one epoch of the train split through its own loop (trec-rank's CLI `train`;
+DeepCTR-Torch's `model.fit`; torch-rechub's trainer loop), each in its own process with the same
+intra-op thread count. Columns:
+  wall samples/s  rows / seconds of the training loop (trec-rank: its throughput.json, which leaves
+                  out start-up, planning, the evaluation and the checkpoint; peers: the fit/epoch call).
+  median samples/s  batch / median gap between consecutive optimizer steps (step_clock.py): the
+                  steady-state step, without start-up, first-step warm-up or the last partial batch.
+  valid AUC       after the epoch, on the valid split (sanity: all should learn alike).
+  x fastest peer  wall (and median) samples/s over the fastest peer's at the same model and batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+from peer_runs import (
+    LABELS,
+    PEERS,
+    ROOT,
+    TREC,
+    TREC_L2OFF,
+    TRECS,
+    peer_columns,
+    read_split,
+    run_peer,
+    run_trec,
+    schema_of,
+    write_npz,
+)
+
+CASES = {  # model -> (trec-rank config, data dir under --data, peer table shifts (0 must be padding))
+    "din": ("benchmarks/configs/din_peers.yaml", "ml-100k/ranking", {"genre": 1}),
+    "mmoe": ("benchmarks/configs/mmoe.yaml", "adult/adult", {}),
+}
+
+
+def export(model: str, data: Path, rows: int, dest: Path) -> tuple[Path, dict[str, int]]:
+    """The model's train/valid rows as the peers' npz, and {id column: table rows} for their tables."""
+    config, sub, shift_tables = CASES[model]
+    tables, feature_table, kinds = schema_of(ROOT / config)
+    shift = {f: shift_tables[t] for f, t in feature_table.items() if t in shift_tables}
+    splits = {s: peer_columns(read_split(data / sub / s, list(kinds), rows), kinds, shift) for s in ("train", "valid")}
+    vocab = {f: tables[t] for f, t in feature_table.items() if kinds[f] == "sparse"}
+    return write_npz(dest / f"{model}.npz", splits), vocab
+
+
+def measure(model: str, batch: int, args: argparse.Namespace, tmp: Path, npz: Path, vocab: dict, rep: int) -> dict:
+    config, sub, _ = CASES[model]
+    results = {}
+    for system in (TREC, TREC_L2OFF, *PEERS) if model == "din" else (TREC, *PEERS):
+        name = tmp / f"{model}-{batch}-{system}-{rep}"
+        if system in TRECS:
+            sets = [*TRECS[system], f"data.path={Path(args.data).resolve() / sub}", f"data.batch_size={batch}",
+                    "train.epochs=1", "data.eval_splits=[valid]", "data.eval_batch_size=2048",
+                    "train.log_every=1000000"]
+            if args.rows:
+                sets.append(f"train.max_steps={max(1, args.rows // batch)}")
+            results[system] = run_trec(ROOT / config, sets, name, args.threads)
+        else:
+            spec = {"library": system, "model": model, "batch": batch, "data": str(npz), "vocab": vocab,
+                    "evaluate": True}
+            results[system] = run_peer(spec, name.with_suffix(".json"), args.threads)
+        r = results[system]
+        r["wall_rate"], r["median_rate"] = r["rows"] / r["wall_s"], batch / r["step_median_s"]
+    return results
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", default=str(ROOT / "data"), help="root holding ml-100k/ and adult/ (trec-rank data)")
+    p.add_argument("--models", default="din,mmoe", help="comma-separated subset of din,mmoe")
+    p.add_argument("--batches", default="256,2048", help="comma-separated batch sizes")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads of every system")
+    p.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest (least disturbed) is kept")
+    p.add_argument("--rows", type=int, default=0, help="only the first N rows of each split (0: all)")
+    args = p.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for model in args.models.split(","):
+            npz, vocab = export(model, Path(args.data), args.rows, tmp)
+            for batch in (int(b) for b in args.batches.split(",")):
+                runs = [measure(model, batch, args, tmp, npz, vocab, rep) for rep in range(args.repeat)]
+                best = {s: max((r[s] for r in runs), key=lambda r: r["wall_rate"]) for s in runs[0]}
+                fastest_wall = max(best[s]["wall_rate"] for s in PEERS)
+                fastest_median = max(best[s]["median_rate"] for s in PEERS)
+                for system, r in best.items():
+                    rows.append((model, batch, system, r, r["wall_rate"] / fastest_wall,
+                                 r["median_rate"] / fastest_median))
+    print(f"\n{'model':5} {'batch':>5} {'system':20} {'rows':>7} {'wall samples/s':>14} {'median samples/s':>16} "
+          f"{'ms/step':>8} {'valid AUC':>13} {'x fastest peer':>15}")
+    for model, batch, system, r, x_wall, x_median in rows:
+        auc = "/".join(f"{v:.3f}" for v in r["auc"].values())
+        print(f"{model:5} {batch:>5} {LABELS[system]:20} {r['rows']:>7,} {r['wall_rate']:>14,.0f} "
+              f"{r['median_rate']:>16,.0f} {1000 * r['step_median_s']:>8.2f} {auc:>13} "
+              f"{x_wall:>6.2f}x ({x_median:.2f}x)")
+    print(f"{args.threads} intra-op threads per system, best of {args.repeat} run(s) by wall rate; mmoe AUC is "
+          "income/never_married; x fastest peer = wall (median step) over the fastest peer's")
+
+
+if __name__ == "__main__":
+    main()
