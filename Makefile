@@ -1,6 +1,8 @@
 # Two commands do all the set-up on a fresh machine:
 #   make demo   bootstrap .venv, prepare MovieLens-100K, train on 2 local ranks (TorchX), score the test split
 #   make test   bootstrap .venv and run the whole test suite
+#   make test-fast   the unit tier only (no subprocesses), for editing
+#   make lint   ruff, the import-layer contracts (import-linter) and the type checker (mypy)
 # TREC_RANK_VARIANT=cuda selects the CUDA fbgemm-gpu build (default: cpu).
 
 VENV := .venv
@@ -10,7 +12,7 @@ RUN := runs/demo
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: bootstrap demo test lint clean
+.PHONY: bootstrap demo test test-fast lint clean
 
 bootstrap:
 	@bash scripts/bootstrap.sh
@@ -30,8 +32,13 @@ demo: bootstrap $(DATA)/_manifest.json
 test: bootstrap
 	$(BIN)/python -m pytest tests -q -p no:warnings --durations=15
 
+test-fast: bootstrap
+	$(BIN)/python -m pytest tests -q -p no:warnings -m unit --durations=10
+
 lint: bootstrap
 	$(BIN)/ruff check trec_rank tests launch benchmarks
+	$(BIN)/lint-imports
+	$(BIN)/mypy
 
 clean:
 	rm -rf runs torchx_logs

@@ -24,3 +24,15 @@ def adult_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("adult")
     prepare_adult(out)
     return out
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Two tiers. A test module that starts real processes (the CLI, torchrun, TorchX: it imports
+    `run_cli` or `subprocess`) is the `integration` tier; everything else is the `unit` tier that
+    `make test-fast` runs while editing. Deciding by what a module imports, not by a hand-kept list,
+    means a new test file lands in the right tier without anyone remembering to mark it."""
+    for item in items:
+        module = getattr(item, "module", None)
+        names = vars(module) if module is not None else {}
+        tier = "integration" if "run_cli" in names or "subprocess" in names else "unit"
+        item.add_marker(getattr(pytest.mark, tier))
