@@ -79,8 +79,8 @@ def plot(series: dict[str, dict[str, Curve]], out: Path) -> int:
     """One panel per metric, one line per run; returns the number of panels drawn."""
     from matplotlib.figure import Figure
 
-    keys = sorted({k for curves in series.values() for k, c in curves.items() if c},
-                  key=lambda k: (k != "train/loss", k))
+    keys = sorted({k for curves in series.values() for k, c in curves.items() if c},  # valid/x beside test/x
+                  key=lambda k: (k != "train/loss", k.split("/", 1)[-1], k))
     if not keys:
         return 0
     cols = min(3, len(keys))

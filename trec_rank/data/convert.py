@@ -138,16 +138,17 @@ def apply_oov_policy(ids: np.ndarray, f: FeatureConfig, n: int, where: str) -> n
         ids = string_hash(pa.array(ids))
     if ids.size == 0:
         return ids.astype(np.int64)
-    if ids.dtype.kind == "i" and ids.min() < 0:
+    negative = ids.dtype.kind == "i" and ids.min() < 0
+    if negative and f.oov != "hash":
         bad = ids[ids < 0][0]
-        raise DataError(f"{where}: column '{f.column}' has negative id {bad}")
-    if ids.max() < n:
+        raise DataError(f"{where}: column '{f.column}' has negative id {bad} (only `oov: hash` maps negative ids)")
+    if not negative and ids.max() < n:
         return ids.astype(np.int64, copy=False)
     if f.oov == "error":
         bad = ids[ids >= n][0]
         raise DataError(f"{where}: column '{f.column}' has id {bad} outside [0, {n}) of table "
                         f"'{f.table}' (oov policy 'error'; use 'hash' or 'oov_row', or raise num_embeddings)")
-    if f.oov == "hash":  # in the ids' own dtype: uint64 ids above 2**63 must not wrap to negative first
+    if f.oov == "hash":  # numpy's % is non-negative for n > 0; in the ids' own dtype so uint64 never wraps
         return (ids % ids.dtype.type(n)).astype(np.int64)
     return np.where(ids >= n, n, ids).astype(np.int64)  # oov_row: the extra row appended after the n real rows
 
