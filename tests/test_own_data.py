@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -184,3 +185,24 @@ def test_help_texts_say_what_the_code_does(capsys) -> None:  # noqa: ANN001
     assert main(["data", "ml-1m", "--out", "unused"]) == 2
     err = capsys.readouterr().err
     assert "--source PATH" in err and "source=" not in err, err
+
+
+def test_own_parquet_end_to_end(tmp_path) -> None:  # noqa: ANN001
+    """README's "train on your own Parquet", as written: describe -> (edit) -> train -> score -> report."""
+    from tests.helpers import run_cli
+
+    write_own_data(tmp_path / "mine", {"train": 4000, "valid": 800, "test": 800})
+    config, run, scores = tmp_path / "mine.yaml", tmp_path / "runs" / "mine", tmp_path / "scores"
+    run_cli("data", "describe", str(tmp_path / "mine"), "--out", str(config))
+    run_cli("train", str(config), "--run-dir", str(run), "--set", "train.eval_every=5", "--set", "train.log_every=2")
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["test"]["click/auc"] > 0.6  # the planted user/item signal is learned through hashed ids
+    run_cli("score", str(config), "--checkpoint", str(run), "--input", str(tmp_path / "mine" / "test"),
+            "--output", str(scores), "--passthrough", "user_id")
+    out = pq.read_table(scores)
+    assert out.num_rows == 800 and out["user_id"].to_pylist() == _own_table(800, 2)["user_id"].to_pylist()
+    proc = run_cli("report", str(run), "--out", str(tmp_path / "report.png"))
+    png = (tmp_path / "report.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("test/click/auc"))
+    assert row == ["test/click/auc", f"{metrics['test']['click/auc']:.4f}"], proc.stdout
