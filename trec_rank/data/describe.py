@@ -10,8 +10,9 @@ Rules, by Arrow type:
                         name ends with `_<scalar column>` (hist_item_id and item_id) shares that table.
   float                 dense feature.
   0/1 only (int, float, bool)   label (a binary task).
-Skipped, with a comment: columns unique on almost every row (row ids, timestamps), list<float>
-(candidates for a sequence's `side` columns), and every other type.
+Skipped, with a comment: numeric columns named as times (ts, time, timestamp, date, ...), id columns
+unique on almost every row or list element (row ids, timestamps), list<float> (candidates for a
+sequence's `side` columns), and every other type.
 
 Why 10x for hashed tables: k distinct ids hashed uniformly into n rows leave an id sharing its row with
 at least one other id with probability 1 - (1 - 1/n)^(k-1) ~ 1 - exp(-k/n): 9.5% at n = 10k, 39% at
@@ -61,10 +62,15 @@ def _files(path: Path) -> list[Path]:
         return [path]
     if not path.is_dir():
         raise DataError(f"data describe: path not found: {path}")
-    files = sorted(f for f in path.rglob("*.parquet")
+    # the folder's own files and those of its split folders, as training reads them (no deeper)
+    files = sorted(f for pattern in ("*.parquet", "*/*.parquet") for f in path.glob(pattern)
                    if f.is_file() and not any(_hidden(p) for p in f.relative_to(path).parts))
     if not files:
-        raise DataError(f"data describe: {path}: no .parquet files found")
+        raise DataError(f"data describe: {path}: no .parquet files in it or in its subfolders "
+                        f"(expected PATH/*.parquet or PATH/<split>/*.parquet)")
+    if len({f.parent for f in files}) > 1 and any(f.parent == path for f in files):
+        raise DataError(f"data describe: {path}: holds Parquet files both directly and in subfolders; a split "
+                        f"is one folder of files: give the folder of split folders, or one split")
     return files
 
 
@@ -111,6 +117,10 @@ def _nice(n: float) -> int:
     return math.ceil(n / step) * step
 
 
+def _is_list(t: pa.DataType) -> bool:
+    return pa.types.is_list(t) or pa.types.is_large_list(t)
+
+
 def _is_id(t: pa.DataType) -> bool:
     return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
 
@@ -141,8 +151,14 @@ def _ids(name: str, values: pa.Array, kind: str, note: str) -> Column:
     return col
 
 
+_TIME = re.compile(r"(^|_)(ts|time|timestamps?|date|datetime|epoch)($|_)", re.IGNORECASE)
+
+
 def _column(name: str, arr: pa.Array, rows: int) -> Column:
     t = arr.type
+    if _TIME.search(name) and (pa.types.is_integer(t) or pa.types.is_floating(t) or _is_list(t)):
+        return Column(name, "skip", "a time by its name: bucket it into ids, or use it as a sequence's `side` "
+                                    "(timestamp) for HSTU")
     if pa.types.is_boolean(t) or ((pa.types.is_integer(t) or pa.types.is_floating(t)) and _binary(arr)):
         rate = pc.mean(pc.cast(arr, pa.float64())).as_py()
         return Column(name, "label", f"only 0/1 values (rate {rate:.3f}): a binary task; if it is an input, "
@@ -160,14 +176,19 @@ def _column(name: str, arr: pa.Array, rows: int) -> Column:
                                         f"not a feature")
         nulls = f"{arr.null_count:,} null ids must be filled upstream; " if arr.null_count else ""
         return _ids(name, arr, "sparse", nulls)
-    if (pa.types.is_list(t) or pa.types.is_large_list(t)) and _is_id(t.value_type):
+    if _is_list(t) and _is_id(t.value_type):
+        flat = pc.list_flatten(arr)
+        k = len(pc.unique(flat))
+        if len(flat) >= 1000 and k > len(flat) // 2:
+            return Column(name, "skip", f"{k:,} distinct values in {len(flat):,} list elements: timestamps or "
+                                        f"row ids; if aligned with a sequence, add it as that sequence's `side`")
         lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False)
         p95 = max(1, int(np.ceil(np.percentile(lengths, 95)))) if len(lengths) else 1
-        col = _ids(name, pc.list_flatten(arr), "sequence",
+        col = _ids(name, flat, "sequence",
                    f"lengths mean {lengths.mean():.1f}, p95 {p95}, max {lengths.max(initial=0)}; ")
         col.max_len = p95
         return col
-    if pa.types.is_list(t) or pa.types.is_large_list(t):
+    if _is_list(t):
         return Column(name, "skip", f"{t}: not ids; if aligned with a sequence, add it as that sequence's `side`")
     return Column(name, "skip", f"type {t} is not read by the schema")
 
@@ -209,7 +230,9 @@ def describe(path: str | Path) -> str:
     group = next((_ident(c.name) for c in sparse if "user" in c.name.lower()), "")
     out = [f"# Starter config from `trec-rank data describe {path}`: {total:,} rows in {len(files)} file(s), "
            f"statistics over the first {table.num_rows:,}.",
-           "# Read every comment, edit, then: trec-rank train THIS.yaml --run-dir runs/NAME", "data:"]
+           "# Read every comment and edit: labels are the 0/1 columns; drop any input known only after the label",
+           "# (a rating when the label is like = rating >= 4): it leaks the answer. Then:",
+           "#   trec-rank train THIS.yaml --run-dir runs/NAME", "data:"]
     if splits:
         evals = splits[1:] or splits[:1]
         out += [f"  path: {path}", f"  train_split: {splits[0]}", f"  eval_splits: [{', '.join(evals)}]"]
