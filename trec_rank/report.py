@@ -77,7 +77,11 @@ def _names(runs: list[Path]) -> list[str]:
 
 def plot(series: dict[str, dict[str, Curve]], out: Path) -> int:
     """One panel per metric, one line per run; returns the number of panels drawn."""
-    from matplotlib.figure import Figure
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise ValueError("report: needs matplotlib (rerun scripts/bootstrap.sh, or pip install "
+                         "matplotlib==3.11.2)") from None
 
     keys = sorted({k for curves in series.values() for k, c in curves.items() if c},  # valid/x beside test/x
                   key=lambda k: (k != "train/loss", k.split("/", 1)[-1], k))

@@ -21,6 +21,7 @@ n = 2k, 63% at n = k. The comment on each hashed table prints its own estimate.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -212,6 +213,12 @@ def _share_tables(cols: list[Column]) -> None:
         c.note += f"; shares table '{owner.table}' with {owner.name}"
 
 
+def _q(value: object) -> str:
+    """A YAML scalar that reads back as this exact string (JSON strings are YAML)."""
+    text = str(value)
+    return text if re.fullmatch(r"[A-Za-z0-9_./-]+", text) else json.dumps(text)
+
+
 def _flow(d: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in d.items()) + "}"
 
@@ -235,12 +242,13 @@ def describe(path: str | Path) -> str:
            "#   trec-rank train THIS.yaml --run-dir runs/NAME", "data:"]
     if splits:
         evals = splits[1:] or splits[:1]
-        out += [f"  path: {path}", f"  train_split: {splits[0]}", f"  eval_splits: [{', '.join(evals)}]"]
+        out += [f"  path: {_q(path)}", f"  train_split: {_q(splits[0])}",
+                f"  eval_splits: [{', '.join(_q(e) for e in evals)}]"]
         if len(splits) == 1:
             out[-1] += "   # no second split found: evaluating on the training rows"
     else:
-        out += [f"  path: {path.parent}", f"  train_split: {path.name}",
-                f"  eval_splits: [{path.name}]   # one split only: evaluating on the training rows; put "
+        out += [f"  path: {_q(path.parent)}", f"  train_split: {_q(path.name)}",
+                f"  eval_splits: [{_q(path.name)}]   # one split only: evaluating on the training rows; put "
                 f"train/valid/test folders under one root for a real evaluation"]
     out.append(f"  group_by: {group}   # GAUC averages AUC per {group}" if group else
                "  # group_by: user_id   # a sparse feature to average AUC over (GAUC)")
@@ -251,7 +259,7 @@ def describe(path: str | Path) -> str:
     for c in used:
         entry = {"name": _ident(c.name), "kind": c.kind}
         if c.name != _ident(c.name):
-            entry["column"] = f"'{c.name}'"
+            entry["column"] = _q(c.name)
         if c.kind in ("sparse", "sequence"):
             entry["table"] = c.table
         if c.kind == "sequence":
