@@ -166,7 +166,7 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the eval splits; writes metrics.json")
-    e.add_argument("config")
+    e.add_argument("config", help="experiment YAML the checkpoint was trained with")
     e.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
     e.add_argument("--run-dir", help="where metrics.json goes (default: the checkpoint dir)")
     e.add_argument("--splits", help="comma-separated splits (default: data.eval_splits)")

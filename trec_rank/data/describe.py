@@ -37,6 +37,7 @@ from trec_rank.data.convert import DataError
 HASH_FACTOR = 10  # hashed table rows per distinct id (see the module docstring)
 MAX_ROWS = 1_000_000  # rows read for the statistics; enough to size tables, cheap on a laptop
 EMBEDDING_DIM = 16  # one dim for every table: tables read by sequences must share it
+BATCH_SIZE = 256  # data.batch_size's default, for the steps per epoch
 SPLIT_ORDER = ("train", "valid", "validation", "val", "eval", "test")
 
 
@@ -272,7 +273,12 @@ def describe(path: str | Path) -> str:
     if not labels:
         out.append("    # NO 0/1 column found: add one (kind: label) before training")
     out += ["model:", "  name: base   # pooled features + MLP; see README 'Models' for din, mmoe, esmm, hstu",
-            "  params: {hidden: [256, 128]}", "train:", "  epochs: 1", ""]
+            "  params: {hidden: [256, 128]}", "train:", "  epochs: 1"]
+    train_files = [f for f in files if not splits or f.parent.name == splits[0]]
+    steps = sum(pq.ParquetFile(f).metadata.num_rows for f in train_files) // BATCH_SIZE  # drop_last: whole batches
+    out += [f"  eval_every: {max(1, steps // 4)}   # steps; {steps:,} steps per epoch of {BATCH_SIZE} rows "
+            f"(data.batch_size): about 4 evaluations per epoch for `trec-rank report`",
+            f"  log_every: {max(1, min(50, steps // 50))}   # steps between train/loss points", ""]
     return "\n".join(out)
 
 

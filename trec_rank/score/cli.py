@@ -31,10 +31,10 @@ def add_subcommand(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--passthrough", metavar="COL,COL", help="input columns copied next to the scores (default: "
                    "the data.group_by column, user_id and item_id when present; '' for none)")
     s.add_argument("--batch-size", type=int, help="rows per forward (default: data.eval_batch_size)")
-    s.add_argument("--part-rows", type=int, help="rows per output part, a multiple of the batch size (default: "
-                   "input rows / 64 rounded down to whole read windows of 8,192 rows (the largest multiple of "
-                   "the batch size up to 8,192), at least one window and at most 65,536 rows: an input under "
-                   "~1M rows gets one-window parts; a resumed run keeps the first run's value)")
+    s.add_argument("--part-rows", type=int, help="rows per output part, a multiple of the batch size. Default: "
+                   "input rows / 64, rounded down to whole read windows (a window is the largest multiple of the "
+                   "batch size up to 8,192 rows), at least one window and at most 65,536 rows; so an input under "
+                   "~1M rows gets one window per part. A resumed run keeps the first run's value")
     s.add_argument("--sharded", action="store_true", help="shard the tables across the ranks as in training "
                    "(default: only when one copy per process does not fit in memory)")
     s.add_argument("--plan", help="sharding plan JSON from `trec-rank plan` (implies --sharded; default: plan "
