@@ -209,3 +209,29 @@ def test_own_parquet_end_to_end(tmp_path) -> None:  # noqa: ANN001
     assert len((run / "metrics_history.jsonl").read_text().splitlines()) >= 4
     row = next(line.split() for line in proc.stdout.splitlines() if line.startswith("test/click/auc"))
     assert row == ["test/click/auc", f"{metrics['test']['click/auc']:.4f}"], proc.stdout
+
+
+def test_report_keeps_the_last_value_of_a_repeated_step(tmp_path, capsys) -> None:  # noqa: ANN001
+    """A resumed run repeats the steps after its last checkpoint, in the history and in a second events file."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from trec_rank.report import _history, _train_loss
+
+    run = tmp_path / "resumed"
+    run.mkdir()
+    lines = [{"step": 10, "valid": {"y/auc": 0.60}}, {"step": 20, "valid": {"y/auc": 0.61}},
+             {"step": 20, "valid": {"y/auc": 0.65}}, {"epoch": 1, "step": 30, "valid": {"y/auc": 0.70}}]
+    (run / "metrics_history.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    for losses in ({5: 0.9, 10: 0.8}, {10: 0.7, 15: 0.6}):  # two invocations, two events files
+        writer = SummaryWriter(str(run / "tb"))
+        for step, value in losses.items():
+            writer.add_scalar("train/loss", value, step)
+        writer.close()
+    assert _history(run) == {"valid/y/auc": {10: 0.60, 20: 0.65, 30: 0.70}}
+    assert _train_loss(run) == pytest.approx({5: 0.9, 10: 0.7, 15: 0.6})
+    assert main(["report", str(run), "--out", str(tmp_path / "r.png")]) == 0
+    out = capsys.readouterr().out
+    assert "resumed: last evaluation (no metrics.json yet)" in out and "valid/y/auc" in out and "0.7000" in out
+    (run / "metrics_history.jsonl").write_text("not json\n")
+    assert main(["report", str(run)]) == 2
+    assert "metrics_history.jsonl, line 1: not a metrics history entry" in capsys.readouterr().err
