@@ -235,3 +235,29 @@ def test_report_keeps_the_last_value_of_a_repeated_step(tmp_path, capsys) -> Non
     (run / "metrics_history.jsonl").write_text("not json\n")
     assert main(["report", str(run)]) == 2
     assert "metrics_history.jsonl, line 1: not a metrics history entry" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["label_4", "nested_backup"])
+def test_train_refuses_bad_splits_in_one_line(case: str, ml100k_dir, tmp_path) -> None:  # noqa: ANN001
+    """Through the real CLI: one `error:` line naming the file/folder, exit 2, no metrics.json."""
+    from tests.helpers import run_cli
+
+    for split in ("train", "valid", "test"):
+        (tmp_path / split).mkdir()
+        table = pq.read_table(ml100k_dir / "ranking" / split).slice(0, 300)
+        if split == "train" and case == "label_4":
+            like = table["like"].to_numpy().copy()
+            like[123] = 4.0
+            table = table.set_column(table.schema.get_field_index("like"), "like", pa.array(like, pa.float32()))
+        pq.write_table(table, tmp_path / split / "part-0.parquet", row_group_size=100)
+    if case == "nested_backup":
+        backup = tmp_path / "train" / "backup"
+        backup.mkdir()
+        (backup / "part-0.parquet").write_bytes((tmp_path / "train" / "part-0.parquet").read_bytes())
+    proc = run_cli("train", "configs/ml100k_base.yaml", "--run-dir", str(tmp_path / "run"), "--set",
+                   f"data.path={tmp_path}", check=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    expected = {"label_4": f"{tmp_path}/train/part-0.parquet: label column 'like' holds 4 at row 123",
+                "nested_backup": f"{tmp_path}/train: subfolder(s) backup/ hold Parquet files"}[case]
+    assert proc.returncode == 2 and len(errors) == 1 and expected in errors[0], proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "metrics.json").exists()
