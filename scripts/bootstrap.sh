@@ -32,5 +32,7 @@ $PIP install "torchx==0.7.0" "pyarrow==26.0.1" "tensorboard==2.21.0" "PyYAML" "p
 # TorchX's kubernetes scheduler (and its --dryrun) needs the client; it pulls urllib3 2.x, which pip
 # flags against torchx 0.7.0's pin but which works for everything torchx does here.
 $PIP install "kubernetes==37.0.2"
+# `trec-rank report` draws its PNG with matplotlib (Agg backend, no display needed).
+$PIP install "matplotlib==3.11.2"
 echo "$want" > "$STAMP"
 echo "bootstrap: .venv ready ($VARIANT)"

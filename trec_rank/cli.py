@@ -1,4 +1,4 @@
-"""`trec-rank {data,train,eval,plan,score}`: the one user-facing entry point.
+"""`trec-rank {data,train,eval,plan,score,report}`: the one user-facing entry point.
 
 User mistakes (bad config key, missing column, wrong checkpoint) end with one `error:` line
 naming the key/file/column and exit code 2; anything else is a bug and keeps its traceback.
@@ -12,9 +12,21 @@ import sys
 from pathlib import Path
 
 SET_HELP = "override a config value, e.g. --set train.epochs=3 (repeatable; value parsed as YAML)"
+EVAL_SET_HELP = "override a config value, e.g. --set data.eval_batch_size=4096 (repeatable; value parsed as YAML)"
 
 
 def _data(args: argparse.Namespace) -> None:
+    if args.dataset == "describe":
+        from trec_rank.data.describe import write_or_print
+
+        if not args.path:
+            raise ValueError("data describe: give a Parquet file or folder, e.g. trec-rank data describe data/mine")
+        write_or_print(args.path, args.out)
+        return
+    if args.path:
+        raise ValueError(f"data {args.dataset}: unexpected argument '{args.path}' (use --source for an input file)")
+    if not args.out:
+        raise ValueError(f"data {args.dataset}: --out DIR is required")
     from trec_rank.data.prepare.common import print_summary
 
     out = Path(args.out)
@@ -129,9 +141,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("data", help="prepare a dataset as Parquet (ml-100k, ml-1m, ml-20m, adult, synthetic)")
-    d.add_argument("dataset", choices=["ml-100k", "ml-1m", "ml-20m", "adult", "synthetic"])
-    d.add_argument("--out", required=True, help="output directory")
+    d = sub.add_parser("data", help="prepare a dataset as Parquet (ml-100k, ml-1m, ml-20m, adult, synthetic), or "
+                                    "describe your own Parquet as a starter config")
+    d.add_argument("dataset", choices=["ml-100k", "ml-1m", "ml-20m", "adult", "synthetic", "describe"])
+    d.add_argument("path", nargs="?", help="describe: a Parquet file or folder (a folder of split folders too)")
+    d.add_argument("--out", help="output directory (describe: a YAML file to write instead of printing)")
     d.add_argument("--source", help="a local GroupLens/census file or directory instead of the PyPI copy")
     d.add_argument("--history", type=int, default=50, help="history length kept per row (MovieLens)")
     d.add_argument("--negatives", type=int, default=4, help="unwatched impressions per rating in funnel/")
@@ -152,18 +166,20 @@ def parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_train)
 
     e = sub.add_parser("eval", help="evaluate a checkpoint on the eval splits; writes metrics.json")
-    e.add_argument("config")
+    e.add_argument("config", help="experiment YAML the checkpoint was trained with")
     e.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
     e.add_argument("--run-dir", help="where metrics.json goes (default: the checkpoint dir)")
     e.add_argument("--splits", help="comma-separated splits (default: data.eval_splits)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=EVAL_SET_HELP)
     e.set_defaults(func=_eval)
 
     from trec_rank.plan.cli import add_subcommand as add_plan
+    from trec_rank.report import add_subcommand as add_report
     from trec_rank.score.cli import add_subcommand as add_score
 
     add_plan(sub)
     add_score(sub)
+    add_report(sub)
     return p
 
 

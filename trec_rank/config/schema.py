@@ -50,10 +50,12 @@ class FeatureConfig:
     sparse: int64 (single id) or list<int64> (multi-valued ids), pooled with `pooling`.
     sequence: list<int64> of ids in time order; the last `max_len` are kept; `side` maps a side
       name (e.g. timestamp, rating) to a list column aligned element by element with the ids.
-    dense: one float column. label: one numeric column, a training target.
+    dense: one float column. label: one numeric column of 0/1, a binary training target.
     `oov` decides ids outside [0, num_embeddings): `error` rejects the data, `hash` takes the id
     modulo num_embeddings, `oov_row` sends it to one extra row appended to the table.
-    Negative ids are always rejected: they signal a broken upstream join, not a hashing need.
+    With `hash`, ids may also be strings (or list<string>): each is hashed with BLAKE2b-64 and
+    taken modulo num_embeddings (trec_rank/data/convert.py), and negative integer ids are mapped too.
+    Under `error` and `oov_row` negative ids are rejected: they signal a broken upstream join.
     """
 
     name: str

@@ -2,12 +2,21 @@
 
 Ids come straight from Arrow list offsets/values through numpy (no Python loop per row). Every
 chunk is checked as it is converted (nulls inside id lists, negative ids, out-of-range ids under
-policy `error`, side columns that do not align with their ids), so a bad row group can never
-reach a training step, whether or not the dataset was fully scanned when it was opened.
+policy `error`, side columns that do not align with their ids, labels that are not 0/1), so a bad
+row group can never reach a training step, whether or not the dataset was fully scanned when it
+was opened.
+
+String ids (`oov: hash` only) become rows through `string_hash`: BLAKE2b (RFC 7693, Python's
+`hashlib`) with an 8-byte digest, read as a little-endian uint64, modulo the table size. The digest
+is fixed by the standard, unkeyed and independent of the process, machine and library versions, so
+training, scoring and any later run map a string to the same row. (Python's `hash()` is salted per
+process; pandas' and Arrow's hashes are implementation details that may change between releases.)
+Each chunk's distinct strings are hashed once (Arrow dictionary encoding), not every occurrence.
 """
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -54,32 +63,59 @@ def _is_list(t: pa.DataType) -> bool:
     return pa.types.is_list(t) or pa.types.is_large_list(t)
 
 
+def _is_text(t: pa.DataType) -> bool:
+    return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t) \
+        or pa.types.is_large_binary(t)
+
+
+def _id_ok(t: pa.DataType, f: FeatureConfig) -> bool:
+    """Integer ids always; string ids only where `oov: hash` says how to map them to rows."""
+    return pa.types.is_integer(t) or (_is_text(t) and f.oov == "hash")
+
+
 def _type_ok(role: str, t: pa.DataType, f: FeatureConfig) -> bool:
     if role in ("dense", "label"):
         return pa.types.is_floating(t) or pa.types.is_integer(t) or pa.types.is_boolean(t)
     if role == "side":
         return _is_list(t) and (pa.types.is_integer(t.value_type) or pa.types.is_floating(t.value_type))
     if role == "sequence":
-        return _is_list(t) and pa.types.is_integer(t.value_type)
-    return pa.types.is_integer(t) or (_is_list(t) and pa.types.is_integer(t.value_type))
+        return _is_list(t) and _id_ok(t.value_type, f)
+    return _id_ok(t, f) or (_is_list(t) and _id_ok(t.value_type, f))
 
 
 def _expected(role: str, f: FeatureConfig) -> str:
+    text = "" if role in ("dense", "label", "side") else " (string ids need `oov: hash` on the feature)"
     return {"dense": "a numeric type", "label": "a numeric type", "side": "list<numeric>",
-            "sequence": "list<int>"}.get(role, "int or list<int>")
+            "sequence": "list<int>"}.get(role, "int or list<int>") + text
+
+
+def string_hash(values: pa.Array) -> np.ndarray:
+    """uint64 [len(values)]: BLAKE2b-64 of each string's UTF-8 bytes (see the module docstring)."""
+    encoded = pc.dictionary_encode(values)
+    distinct = pc.cast(encoded.dictionary, pa.large_binary()).to_pylist()
+    digests = np.fromiter((int.from_bytes(hashlib.blake2b(v, digest_size=8).digest(), "little") for v in distinct),
+                          dtype=np.uint64, count=len(distinct))
+    return digests[encoded.indices.to_numpy(zero_copy_only=False)]
+
+
+def _id_values(arr: pa.Array) -> np.ndarray:
+    """Integer ids as numpy (int64/uint64 as stored), string ids as their uint64 hashes."""
+    if _is_text(arr.type):
+        return string_hash(arr)
+    return arr.to_numpy(zero_copy_only=False, writable=True)
 
 
 def _jagged(arr: pa.Array, where: str, col: str) -> tuple[np.ndarray, np.ndarray]:
-    """(values, lengths) of a list or scalar integer column; null lists count as empty."""
+    """(values, lengths) of a list or scalar id column; null lists count as empty."""
     if _is_list(arr.type):
         lengths = pc.fill_null(pc.list_value_length(arr), 0).to_numpy(zero_copy_only=False, writable=True)
         flat = pc.list_flatten(arr)
         if flat.null_count:
             raise DataError(f"{where}: column '{col}' has {flat.null_count} null value(s) inside its lists")
-        return flat.to_numpy(zero_copy_only=False, writable=True), lengths.astype(np.int64)
+        return _id_values(flat), lengths.astype(np.int64)
     if arr.null_count:
         raise DataError(f"{where}: column '{col}' has {arr.null_count} null id(s)")
-    values = arr.to_numpy(zero_copy_only=False, writable=True)
+    values = _id_values(arr)
     return values, np.ones(len(values), dtype=np.int64)
 
 
@@ -96,21 +132,25 @@ def _keep_last(lengths: np.ndarray, max_len: int) -> tuple[np.ndarray | None, np
 
 
 def apply_oov_policy(ids: np.ndarray, f: FeatureConfig, n: int, where: str) -> np.ndarray:
-    ids = ids.astype(np.int64, copy=False)
+    """Table rows (int64) of raw ids: integers (any width, unsigned included), string hashes (uint64,
+    from `string_hash`) or strings themselves (an object array, e.g. Arrow `value_counts` keys)."""
+    if ids.dtype == object:
+        ids = string_hash(pa.array(ids))
     if ids.size == 0:
-        return ids
-    if ids.min() < 0:
+        return ids.astype(np.int64)
+    negative = ids.dtype.kind == "i" and ids.min() < 0
+    if negative and f.oov != "hash":
         bad = ids[ids < 0][0]
-        raise DataError(f"{where}: column '{f.column}' has negative id {bad}")
-    if ids.max() < n:
-        return ids
+        raise DataError(f"{where}: column '{f.column}' has negative id {bad} (only `oov: hash` maps negative ids)")
+    if not negative and ids.max() < n:
+        return ids.astype(np.int64, copy=False)
     if f.oov == "error":
         bad = ids[ids >= n][0]
         raise DataError(f"{where}: column '{f.column}' has id {bad} outside [0, {n}) of table "
                         f"'{f.table}' (oov policy 'error'; use 'hash' or 'oov_row', or raise num_embeddings)")
-    if f.oov == "hash":
-        return ids % n
-    return np.where(ids >= n, n, ids)  # oov_row: the extra row appended after the n real rows
+    if f.oov == "hash":  # numpy's % is non-negative for n > 0; in the ids' own dtype so uint64 never wraps
+        return (ids % ids.dtype.type(n)).astype(np.int64)
+    return np.where(ids >= n, n, ids).astype(np.int64)  # oov_row: the extra row appended after the n real rows
 
 
 def _kjt(parts: list[tuple[str, np.ndarray, np.ndarray]], rows: int) -> KeyedJaggedTensor:
@@ -122,7 +162,7 @@ def _kjt(parts: list[tuple[str, np.ndarray, np.ndarray]], rows: int) -> KeyedJag
     return KeyedJaggedTensor(keys=[k for k, _, _ in parts], values=values, lengths=lengths, stride=rows)
 
 
-def _numeric(table: pa.Table, col: str, where: str) -> np.ndarray:
+def _numeric(table: pa.Table, col: str, where: str, first_row: int) -> np.ndarray:
     arr = table.column(col).combine_chunks()
     if arr.null_count:
         raise DataError(f"{where}: column '{col}' has {arr.null_count} null value(s)")
@@ -130,7 +170,20 @@ def _numeric(table: pa.Table, col: str, where: str) -> np.ndarray:
     bad = ~np.isfinite(values)
     if bad.any():
         raise DataError(f"{where}: column '{col}' has {int(bad.sum())} non-finite value(s) (NaN/inf), "
-                        f"first at row {int(np.argmax(bad))}")
+                        f"first at row {first_row + int(np.argmax(bad))}")
+    return values
+
+
+def _label(table: pa.Table, f: FeatureConfig, where: str, first_row: int) -> np.ndarray:
+    """A task's labels: 0/1 only. Every task is trained with binary cross-entropy and scored by AUC, which
+    accept any float without complaint, so a rating of 4.0 in a label column would train silently."""
+    values = _numeric(table, f.column, where, first_row)
+    bad = (values != 0) & (values != 1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        raise DataError(f"{where}: label column '{f.column}' holds {values[row]:g} at row {first_row + row}; "
+                        f"labels must be 0 or 1 (every task is binary: there is no regression loss), e.g. "
+                        f"derive a 0/1 column such as like = rating >= 4")
     return values
 
 
@@ -156,7 +209,8 @@ class _Columns(NamedTuple):
     labels: dict[str, np.ndarray]  # task -> [rows] float32
 
 
-def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool) -> _Columns:
+def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool, first_row: int) -> _Columns:
+    """`where` names the chunk; row numbers in messages are `first_row` + the row within the chunk."""
     sparse, sequence, side = [], [], {}
     seq_names = {f.name for f in schema.sequence_features}
     for f in schema.features:
@@ -171,12 +225,13 @@ def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool) -> 
             s_values, s_lengths = _jagged(table.column(col).combine_chunks(), where, col)
             if not np.array_equal(s_lengths, full):
                 row = int(np.nonzero(s_lengths != full)[0][0])
-                raise DataError(f"{where}: side column '{col}' does not align with '{f.column}' at row {row} "
+                raise DataError(f"{where}: side column '{col}' does not align with '{f.column}' at row "
+                                f"{first_row + row} "
                                 f"({s_lengths[row]} vs {full[row]} elements)")
             side[f"{f.name}/{side_name}"] = (f.name, s_values if keep is None else s_values[keep])
-    dense_cols = [_numeric(table, f.column, where) for f in schema.dense]
+    dense_cols = [_numeric(table, f.column, where, first_row) for f in schema.dense]
     dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((table.num_rows, 0), dtype=np.float32)
-    labels = {f.name: _numeric(table, f.column, where) for f in schema.labels} if with_labels else {}
+    labels = {f.name: _label(table, f, where, first_row) for f in schema.labels} if with_labels else {}
     return _Columns(sparse, sequence, side, dense, labels)
 
 
@@ -202,9 +257,10 @@ def _rows(cols: _Columns, lo: int, hi: int, row_index: np.ndarray) -> Batch:
 
 
 def to_batch(table: pa.Table, schema: Schema, row_index: np.ndarray, where: str,
-             with_labels: bool = True) -> Batch:
-    """Convert a chunk of rows (already validated for types) into a Batch; `where` names its origin."""
-    return _rows(_columns(table, schema, where, with_labels), 0, table.num_rows, row_index)
+             with_labels: bool = True, first_row: int = 0) -> Batch:
+    """Convert a chunk of rows (already validated for types) into a Batch; `where` names its origin and
+    `first_row` is the chunk's first row there (so messages name the row in the file)."""
+    return _rows(_columns(table, schema, where, with_labels, first_row), 0, table.num_rows, row_index)
 
 
 def to_batches(table: pa.Table, schema: Schema, row_index: np.ndarray, where: str, batch_size: int,
@@ -214,7 +270,7 @@ def to_batches(table: pa.Table, schema: Schema, row_index: np.ndarray, where: st
     The columns are converted (and checked) once for the whole chunk and then cut by row range:
     Arrow's per-call overhead over ~20 columns, paid once per batch before, was a visible part
     of a DIN training step."""
-    cols = _columns(table, schema, where, with_labels)
+    cols = _columns(table, schema, where, with_labels, 0)
     rows, out = table.num_rows, []
     for lo in range(0, rows, batch_size):
         hi = min(lo + batch_size, rows)

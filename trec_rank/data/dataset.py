@@ -37,17 +37,33 @@ class RowGroup:
     index: int
     rows: int
     base: int  # stable dataset row index of its first row (file order, then row)
+    start: int = 0  # index of its first row within its file (for messages that name a row)
+
+
+def _hidden(name: str) -> bool:
+    return name.startswith(("_", "."))
 
 
 def list_parquet_files(path: str | Path) -> list[str]:
-    """Parquet files under `path`, sorted; names starting with '_' or '.' (manifests, temp files) skipped."""
+    """The `.parquet` files directly inside `path` (or `path` itself), sorted; names starting with '_' or '.'
+    (manifests, temporaries) skipped.
+
+    A subfolder holding Parquet files is refused rather than read or ignored: reading it silently doubled
+    a split that kept a backup copy inside it (train/backup/part.parquet), and ignoring it would silently
+    drop data laid out in partition folders. Subfolders named '_*' or '.*' are never looked at."""
     p = Path(path)
     if p.is_file():
         return [str(p)]
     if not p.is_dir():
         raise DataError(f"data path not found: {p}")
-    files = sorted(str(f) for f in p.rglob("*.parquet")
-                   if not any(part.startswith(("_", ".")) for part in f.relative_to(p).parts))
+    nested = sorted(d.name for d in p.iterdir() if d.is_dir() and not _hidden(d.name)
+                    and any(not any(_hidden(part) for part in f.relative_to(d).parts) for f in d.rglob("*.parquet")))
+    if nested:
+        shown = ", ".join(f"{n}/" for n in nested[:5]) + (f" and {len(nested) - 5} more" if len(nested) > 5 else "")
+        raise DataError(f"{p}: subfolder(s) {shown} hold Parquet files; a split reads only the .parquet files "
+                        f"directly inside it (move them out, rename the subfolder to start with '_', or point at "
+                        f"the subfolder itself)")
+    files = sorted(str(f) for f in p.glob("*.parquet") if not _hidden(f.name) and f.is_file())
     if not files:
         raise DataError(f"{p}: no .parquet files found")
     return files
@@ -86,14 +102,16 @@ class ParquetDataset:
             if meta.num_rows == 0:
                 log.warning("%s: empty Parquet file, skipped", file)
                 continue
+            start = 0
             for i in range(meta.num_row_groups):
                 rows = meta.row_group(i).num_rows
                 if rows:
-                    groups.append(RowGroup(file, i, rows, base))
+                    groups.append(RowGroup(file, i, rows, base, start))
                     base += rows
+                    start += rows
         if scan_values:
             for g in groups:
-                self._convert(self._read(g), np.arange(g.rows) + g.base, f"{g.file} (row group {g.index})")
+                self._check(g, self._read(g))
         return groups
 
     # ---- reading ---------------------------------------------------------------------------
@@ -103,8 +121,12 @@ class ParquetDataset:
         except (pa.ArrowException, OSError) as err:
             raise DataError(f"{g.file} (row group {g.index}): cannot be read ({err})") from None
 
-    def _convert(self, table: pa.Table, row_index: np.ndarray, where: str) -> Batch:
-        return to_batch(table, self.schema, row_index, where, self.with_labels)
+    def _convert(self, table: pa.Table, row_index: np.ndarray, where: str, first_row: int = 0) -> Batch:
+        return to_batch(table, self.schema, row_index, where, self.with_labels, first_row)
+
+    def _check(self, g: RowGroup, table: pa.Table) -> None:
+        """Convert a whole row group once for its checks; messages name the file and the row in it."""
+        self._convert(table, np.arange(g.rows) + g.base, g.file, g.start)
 
     # ---- partition -------------------------------------------------------------------------
     def _order(self, epoch: int) -> list[RowGroup]:
@@ -152,7 +174,7 @@ class ParquetDataset:
             if cache.get("key") != (g.file, g.index):
                 cache.update(key=(g.file, g.index), table=self._read(g))
                 if not self.scanned:  # values not checked on open: check this row group, naming it
-                    self._convert(cache["table"], np.arange(g.rows) + g.base, f"{g.file} (row group {g.index})")
+                    self._check(g, cache["table"])
             tables.append(cache["table"].slice(a, b - a))
             rows.append(np.arange(a, b) + g.base)
             k += 1

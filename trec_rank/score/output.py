@@ -76,6 +76,15 @@ def read_window(part_rows: int, batch_size: int) -> int:
     return batch_size * max(d for d in range(1, min(per_part, fits) + 1) if per_part % d == 0)
 
 
+def check_paths(input_path: str, output: str) -> None:
+    """Refuse an output directory that is the input or lies inside it: the parts and `_SUCCESS` would land
+    in the input split, and the next read of that split would take the scores for input rows."""
+    inp, out = Path(os.path.realpath(input_path)), Path(os.path.realpath(output))
+    if out == inp or inp in out.parents:
+        raise ValueError(f"--output {output}: is {'' if out == inp else 'inside '}--input {input_path}; "
+                         "choose an output directory outside the input")
+
+
 def _fsync_write(path: Path, data: bytes) -> None:
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     with open(tmp, "wb") as f:

@@ -140,7 +140,10 @@ def read_movielens(name: str, source: Path | None) -> _Raw:
     """Ratings plus whatever side files sit next to them (missing ones leave features at 0)."""
     if source is None:
         if name != "ml-100k":
-            raise ValueError(f"{name}: no bundled copy; pass source= (a GroupLens download or ratings file)")
+            site = "https://grouplens.org/datasets/movielens/" + name.removeprefix("ml-") + "/"
+            raise ValueError(f"{name}: no copy ships on PyPI; download it from {site} and pass --source "
+                             f"PATH (its {DEFAULT_FILE[name]}, or the unzipped folder), e.g. "
+                             f"trec-rank data {name} --source {name}/{DEFAULT_FILE[name]} --out data/{name}")
         path = fetch_wheel_file("recbole", "1.2.1", "recbole/dataset_example/ml-100k/") / "ml-100k.inter"
         label = "wheel recbole==1.2.1"
     else:
