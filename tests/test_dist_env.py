@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -93,3 +95,26 @@ def test_shared_run_dir_passes_with_the_configured_timeout(tmp_path: Path) -> No
     shared = str(tmp_path / "shared" / "runs" / "x")
     assert _two_nodes(tmp_path, [shared, shared]) == ["ok rank=0 timeout=60", "ok rank=1 timeout=60"]
     assert list(Path(shared).iterdir()) == []
+
+
+def test_cuda_install_without_driver_is_one_line() -> None:
+    nvml = OSError("libnvidia-ml.so.1: cannot open shared object file: No such file or directory")
+    try:
+        try:
+            raise nvml
+        except OSError as inner:
+            raise RuntimeError("fbgemm_gpu failed to load") from inner
+    except RuntimeError as err:
+        why = penv.missing_driver(err)
+    assert why is not None and "libnvidia-ml.so.1" in why and "CPU install" in why and "\n" not in why
+    assert penv.missing_driver(ValueError("data.path: missing")) is None
+
+
+def test_data_and_help_import_no_torchrec(tmp_path: Path) -> None:
+    """A node whose CUDA fbgemm cannot load fails on `import torchrec`: `data`/--help must not need it."""
+    code = ("import sys; from trec_rank.cli import main; rc = main(['data', 'synthetic', '--out', sys.argv[1]]); "
+            "print(rc, sorted(m for m in ('torchrec', 'fbgemm_gpu') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
+    assert "error: data synthetic: --schema CONFIG is required" in proc.stderr

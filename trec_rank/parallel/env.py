@@ -8,8 +8,12 @@ here so that CPU tests can pin them.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import time
+import traceback
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -119,6 +123,39 @@ def device_total_bytes(device_type: str) -> int | None:
     if device_type != "cuda" or cuda_problem() is not None:
         return None
     return torch.cuda.mem_get_info()[1]
+
+
+def missing_driver(err: BaseException) -> str | None:
+    """The one line for a CUDA install on a node without the NVIDIA driver, None for other errors.
+
+    The CUDA fbgemm-gpu links the driver's NVML (libnvidia-ml.so.1), so on such a node every
+    `import torchrec` fails; planning and data preparation need no GPU and run from the CPU install."""
+    while err is not None:
+        found = re.search(r"(libnvidia-ml\.so[.\d]*|libcuda\.so[.\d]*)", str(err))
+        if found:
+            return (f"this CUDA install cannot load here: {found.group(1)} (the NVIDIA driver's library) is "
+                    f"missing. Run `trec-rank plan` from the CPU install (TREC_RANK_VARIANT=cpu make bootstrap), "
+                    f"or on a GPU node with driver >= {MIN_DRIVER}")
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def record_failure(err: BaseException | str, lines: int = 12) -> None:
+    """Under torchrun, leave this rank's error where torchelastic collects a job's root cause.
+
+    torchrun copies the first failing worker's $TORCHELASTIC_ERROR_FILE to its own, which TorchX
+    names per replica; `torchx run`/`torchx status` then print it as the replica's `error_msg`
+    instead of `msg: <NONE>`. A user error is its one line; a bug is its traceback's last lines."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    if isinstance(err, str):
+        text, stack = err, ""
+    else:
+        stack = "".join(traceback.format_exception(err))
+        text = "\n".join(stack.rstrip().splitlines()[-lines:])
+    body = {"message": {"message": text, "extraInfo": {"py_callstack": stack, "timestamp": str(int(time.time()))}}}
+    Path(path).write_text(json.dumps(body))
 
 
 def _attempt_store(rank: int, world: int, timeout_s: int) -> dist.Store:
