@@ -258,8 +258,8 @@ def test_torchx_component_runs_the_plan_command() -> None:
     app = plan("data.batch_size=512", world_size=128, config=LARGE, hbm_gb=80, out="plans/p.json",
                compare="ws=8,lws=8 ws=16,lws=8")
     (role,) = app.roles
-    assert role.entrypoint == "python" and role.resource.gpu == 0
-    assert role.args[:4] == ["-m", "trec_rank.cli", "plan", LARGE]
+    assert role.entrypoint == "bash" and role.resource.gpu == 0  # the job's own python: see launch/components.py
+    assert role.args[3:7] == ["-m", "trec_rank.cli", "plan", LARGE]
     args = " ".join(role.args)
     for part in ("--world-size 128", "--local-world-size 8", "--device cuda", "--hbm-gb 80", "--out plans/p.json",
                  "--compare ws=8,lws=8 ws=16,lws=8", "--set data.batch_size=512"):
