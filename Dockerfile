@@ -24,7 +24,7 @@ RUN bash scripts/bootstrap.sh
 COPY . .
 # The build machine has no GPU driver: the check reads fbgemm-gpu's build instead of importing it,
 # and `trec-rank --help` must work without one (the CLI imports torchrec only for commands that need it).
-RUN .venv/bin/python -m pip install --no-deps -q -e . \
+RUN .venv/bin/python -m pip install --no-deps -q -e . && bash scripts/bootstrap.sh \
     && .venv/bin/python scripts/check_install.py "$TREC_RANK_VARIANT" \
     && .venv/bin/trec-rank --help > /dev/null
 ENV PATH=/workspace/.venv/bin:${PATH}
