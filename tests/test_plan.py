@@ -226,7 +226,7 @@ def test_compare_clusters_side_by_side(capsys: pytest.CaptureFixture) -> None:
     assert code == 0
     header = text.splitlines()[0]
     assert "ws=2,lws=2,cpu" in header and "ws=4,lws=2,cuda,hbm=16" in header
-    assert re.search(r"^fits\s+yes\s+yes$", text, re.M) and "peak memory/rank GB" in text
+    assert re.search(r"^fits\s+yes\s+yes$", text, re.M) and "peak memory/rank GiB" in text
     code, text = plan_cli(capsys, CONFIG, "--world-size", "2", "--device", "cuda", "--format", "json",
                           "--compare", "hbm=0.001", "hbm=8")
     assert code == 0 and [s["fits"] for s in json.loads(text)] == [False, True]
