@@ -54,6 +54,8 @@ def _scheduler() -> str | None:
     for flag, value in zip(argv, argv[1:]):
         if flag in ("-s", "--scheduler"):
             return value
+        if flag.startswith("--scheduler="):
+            return flag.split("=", 1)[1]
     return get_config(prefix="cli", name="run", key="scheduler")
 
 
