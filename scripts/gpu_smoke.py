@@ -54,8 +54,9 @@ def memory(config: str) -> int:
     return 0
 
 
-def jagged() -> int:
-    """fbgemm's jagged ops (the HSTU/SASRec/DIN paths) forward and backward, GPU against CPU."""
+def jagged(other: str = "cuda") -> int:
+    """fbgemm's jagged ops (the HSTU/SASRec/DIN paths) forward and backward, GPU (`other`) against CPU."""
+    import fbgemm_gpu  # noqa: F401 - registers torch.ops.fbgemm
     import torch
 
     torch.manual_seed(0)
@@ -64,7 +65,7 @@ def jagged() -> int:
     values_cpu = torch.randn(int(lengths.sum()), 48, dtype=torch.float32, requires_grad=True)
     worst = 0.0
     outs = {}
-    for dev in ("cpu", "cuda"):
+    for dev in ("cpu", other):
         offsets = offsets_cpu.to(dev)
         values = values_cpu.detach().to(dev).requires_grad_()
         padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [60], 0.0)
@@ -73,7 +74,7 @@ def jagged() -> int:
         rng = torch.ops.fbgemm.offsets_range(offsets, values.shape[0])
         outs[dev] = [padded.detach().cpu(), back.detach().cpu(), values.grad.cpu(), rng.cpu().float()]
     for name, a, b in zip(("jagged_to_padded_dense", "dense_to_jagged", "backward", "offsets_range"),
-                          outs["cpu"], outs["cuda"], strict=True):
+                          outs["cpu"], outs[other], strict=True):
         diff = (a - b).abs().max().item() if a.numel() else 0.0
         worst = max(worst, diff)
         print(f"{name}: max |gpu - cpu| = {diff:.2e}")
@@ -89,8 +90,9 @@ def sync(config: str, run_dir: str, data: str) -> int:
     torch.cuda.set_sync_debug_mode("warn")
     with warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
-        rc = main(["train", config, "--run-dir", run_dir, "--set", "train.max_steps=8", "--set", "train.log_every=4",
-                   "--set", "sharding.device=cuda", "--set", f"data.path={data}"])
+        # -v: the CLI filters no third-party warnings, so every sync warning reaches this list
+        rc = main(["-v", "train", config, "--run-dir", run_dir, "--set", "train.max_steps=8", "--set",
+                   "train.log_every=4", "--set", "sharding.device=cuda", "--set", f"data.path={data}"])
     syncs: dict[str, int] = {}
     for w in seen:
         if "synchroniz" in str(w.message):

@@ -38,10 +38,12 @@ def test_cuda_causes_are_named() -> None:
     assert penv.explain_no_cuda("2.13.0", "13.0", None, 8) is None
 
 
-def test_gpu_job_without_cuda_fails_instead_of_training_on_cpu() -> None:
+def test_gpu_job_without_cuda_fails_instead_of_training_on_cpu(caplog: pytest.LogCaptureFixture) -> None:
     with pytest.raises(ValueError, match="sharding.device: cuda was asked for .* CPU build"):
         penv.pick_device("cuda")
-    assert penv.pick_device("auto").type == "cpu"  # this CPU install: auto picks (and logs) cpu
+    with caplog.at_level("INFO", logger="trec_rank.parallel.env"):
+        assert penv.pick_device("auto").type == "cpu"
+    assert "sharding.device auto: cpu (torch 2.13.0+cpu is a CPU build" in caplog.text  # auto says what and why
 
 
 def test_timeout_comes_from_the_environment() -> None:
