@@ -149,10 +149,10 @@ def train(
 
 def score(
     *overrides: str,
+    checkpoint: str,
+    output: str,
     config: str = "configs/ml100k_base.yaml",
-    checkpoint: str = "runs/train",
     input: str = "data/ml-100k/ranking/test",  # noqa: A002 - the CLI flag's name
-    output: str = "runs/scores",
     passthrough: str = "",
     batch_size: int = 0,
     sharded: bool = False,
@@ -173,10 +173,10 @@ def score(
 
     Args:
         overrides: config overrides passed as --set KEY=VALUE (e.g. data.num_workers=2)
-        config: experiment YAML the checkpoint was trained with
-        checkpoint: checkpoint dir, or a run dir (its latest complete checkpoint)
-        input: Parquet file or directory to score (on clusters: a path every node sees)
+        checkpoint: checkpoint dir, or a run dir (its latest complete checkpoint), e.g. train's --run_dir
         output: output directory on storage every node shares; rerun with the same value to resume
+        config: experiment YAML the checkpoint was trained with
+        input: Parquet file or directory to score (on clusters: a path every node sees)
         passthrough: comma-separated input columns copied to the output (empty: group_by, user_id, item_id)
         batch_size: rows per forward (0: data.eval_batch_size)
         sharded: shard the embedding tables across the ranks as in training

@@ -144,3 +144,19 @@ def test_plan_component_runs_the_job_python_on_cpu() -> None:
     assert role.resource.gpu == 0 and role.args[:2] == ["-c", 'PY=.venv/bin/python; [ -x "$PY" ] || PY=python; '
                                                               'exec "$PY" "$@"']
     assert role.args[3:6] == ["-m", "trec_rank.cli", "plan"] and "--hbm-gb 80.0" in " ".join(role.args)
+
+
+def test_score_component_matches_train_on_a_gpu_cluster() -> None:
+    with get_runner() as runner:
+        info = runner.dryrun_component("launch/components.py:score", [
+            "--image", "img:1", "--gpu", "8", "--checkpoint", "/mnt/shared/runs/din", "--output", "/mnt/shared/s",
+            "--input", "/mnt/shared/data/test", "--mounts", "type=volume,src=pvc,dst=/mnt/shared"],
+            scheduler="kubernetes", cfg={"queue": "q"}, workspace=None)
+    role = info._app.roles[0]
+    cmd = _command(role.args[1])
+    assert "--nproc_per_node 8" in cmd and cmd.endswith(
+        "-m trec_rank.cli score configs/ml100k_base.yaml --checkpoint /mnt/shared/runs/din --input "
+        "/mnt/shared/data/test --output /mnt/shared/s --set sharding.device=cuda")
+    assert (role.resource.cpu, role.resource.gpu, role.env["TORCH_NCCL_ASYNC_ERROR_HANDLING"]) == (64, 8, "3")
+    assert role.env["TORCH_NCCL_DEBUG_INFO_TEMP_FILE"] == "/mnt/shared/s/nccl_trace_rank_"
+    assert [m.dst_path for m in role.mounts] == ["/mnt/shared"]
