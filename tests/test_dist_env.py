@@ -120,3 +120,20 @@ def test_data_and_help_import_no_torchrec(tmp_path: Path) -> None:
                           cwd=Path(__file__).resolve().parents[1])
     assert proc.stdout.split("\n")[0] == "2 []", proc.stdout + proc.stderr
     assert "error: data synthetic: --schema CONFIG is required" in proc.stderr
+
+
+def test_a_rank_error_lands_where_torchelastic_and_torchx_read_it(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import json
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    try:
+        {}["missing"]
+    except KeyError as err:
+        penv.record_failure(err, lines=3)
+    message = json.loads(error_file.read_text())["message"]
+    assert message["message"].splitlines()[-1] == "KeyError: 'missing'" and len(message["message"].splitlines()) == 3
+    assert "Traceback" in message["extraInfo"]["py_callstack"] and message["extraInfo"]["timestamp"].isdigit()
+    penv.record_failure("data.path: no such directory")
+    assert json.loads(error_file.read_text())["message"]["message"] == "data.path: no such directory"
