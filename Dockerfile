@@ -1,7 +1,9 @@
 # trec-rank runtime image for kubernetes/slurm (TorchX `--image`). CUDA by default:
-#   docker build -t trec-rank:0.1.0 .                       # CUDA (PyPI torch/fbgemm-gpu wheels carry CUDA)
-#   docker build --build-arg VARIANT=cpu -t trec-rank:cpu .  # CPU-only image
-# The PyPI CUDA wheels bundle their CUDA libraries; the host needs an NVIDIA driver and container runtime.
+#   docker build -t REGISTRY/trec-rank:0.1.0 . && docker push REGISTRY/trec-rank:0.1.0
+#   docker build --build-arg VARIANT=cpu -t trec-rank:cpu .   # CPU-only image
+# The PyPI CUDA wheels (torch 2.13, fbgemm-gpu 1.8) bundle CUDA 13 libraries: the nodes need an NVIDIA
+# driver >= 580 and the NVIDIA container runtime. Data and runs are not in the image: mount them
+# (components' --mounts). docs/cluster.md has the whole path.
 FROM python:3.11-slim
 
 ARG VARIANT=cuda
@@ -12,14 +14,19 @@ ENV TREC_RANK_VARIANT=${VARIANT} \
 RUN apt-get update && apt-get install -y --no-install-recommends make && rm -rf /var/lib/apt/lists/*
 WORKDIR /workspace
 
-# Dependencies first (cached across code changes): bootstrap needs only these files.
+# Dependencies first (cached across code changes): bootstrap needs only these files. It ends with
+# scripts/check_install.py, so an image whose torch does not match its fbgemm-gpu does not build.
 COPY pyproject.toml README.md ./
-COPY scripts/bootstrap.sh scripts/bootstrap.sh
+COPY scripts/bootstrap.sh scripts/check_install.py scripts/
 COPY trec_rank/__init__.py trec_rank/__init__.py
 RUN bash scripts/bootstrap.sh
 
 COPY . .
-RUN .venv/bin/python -m pip install --no-deps -q -e . && bash scripts/bootstrap.sh
+# The build machine has no GPU driver: the check reads fbgemm-gpu's build instead of importing it,
+# and `trec-rank --help` must work without one (the CLI imports torchrec only for commands that need it).
+RUN .venv/bin/python -m pip install --no-deps -q -e . && bash scripts/bootstrap.sh \
+    && .venv/bin/python scripts/check_install.py "$TREC_RANK_VARIANT" \
+    && .venv/bin/trec-rank --help > /dev/null
 ENV PATH=/workspace/.venv/bin:${PATH}
 
 ENTRYPOINT []

@@ -64,7 +64,7 @@ def main() -> None:
             print(f"tables={n} world={ws}: {cells[-1]}", file=sys.stderr, flush=True)
         rows.append(cells)
     print(f"\nplanner.plan() seconds on this machine ({os.cpu_count()} CPUs), {args.device}, "
-          f"{args.hbm_gb:g} GB HBM/rank, 8 ranks/host; wall includes the meta model and the no-fit diagnosis")
+          f"{args.hbm_gb:g} GiB HBM/rank, 8 ranks/host; wall includes the meta model and the no-fit diagnosis")
     print(grid(["tables"] + [f"world {ws}" for ws in args.world_sizes], rows))
 
 

@@ -226,7 +226,7 @@ def test_compare_clusters_side_by_side(capsys: pytest.CaptureFixture) -> None:
     assert code == 0
     header = text.splitlines()[0]
     assert "ws=2,lws=2,cpu" in header and "ws=4,lws=2,cuda,hbm=16" in header
-    assert re.search(r"^fits\s+yes\s+yes$", text, re.M) and "peak memory/rank GB" in text
+    assert re.search(r"^fits\s+yes\s+yes$", text, re.M) and "peak memory/rank GiB" in text
     code, text = plan_cli(capsys, CONFIG, "--world-size", "2", "--device", "cuda", "--format", "json",
                           "--compare", "hbm=0.001", "hbm=8")
     assert code == 0 and [s["fits"] for s in json.loads(text)] == [False, True]
@@ -258,8 +258,8 @@ def test_torchx_component_runs_the_plan_command() -> None:
     app = plan("data.batch_size=512", world_size=128, config=LARGE, hbm_gb=80, out="plans/p.json",
                compare="ws=8,lws=8 ws=16,lws=8")
     (role,) = app.roles
-    assert role.entrypoint == "python" and role.resource.gpu == 0
-    assert role.args[:4] == ["-m", "trec_rank.cli", "plan", LARGE]
+    assert role.entrypoint == "bash" and role.resource.gpu == 0  # the job's own python: see launch/components.py
+    assert role.args[3:7] == ["-m", "trec_rank.cli", "plan", LARGE]
     args = " ".join(role.args)
     for part in ("--world-size 128", "--local-world-size 8", "--device cuda", "--hbm-gb 80", "--out plans/p.json",
                  "--compare ws=8,lws=8 ws=16,lws=8", "--set data.batch_size=512"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -188,19 +189,36 @@ def main(argv: list[str] | None = None) -> int:
     # fbgemm and torchrec log every table at INFO on the root logger: keep ours at INFO only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trec_rank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from trec_rank.train.loop import NonFiniteLoss
-
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and DataError are ValueErrors
         if args.verbose:
             raise
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except NonFiniteLoss as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 3
+        return _fail(str(err), 2)
+    except Exception as err:
+        # Nothing heavy is imported before the command runs, so `data` and `--help` work on a node
+        # whose CUDA install cannot load (no NVIDIA driver); the commands that need torchrec say why.
+        from trec_rank.parallel.env import missing_driver, record_failure
+
+        if (why := missing_driver(err)) is not None:
+            return _fail(why, 2)
+        from trec_rank.train.loop import NonFiniteLoss
+
+        if not isinstance(err, NonFiniteLoss):
+            record_failure(err)
+            raise
+        return _fail(str(err), 3)
     return 0
+
+
+def _fail(message: str, code: int) -> int:
+    """One `error:` line; under torchrun also the job's root cause (TorchX prints it on failure)."""
+    print(f"error: {message}", file=sys.stderr)
+    if "TORCHELASTIC_ERROR_FILE" in os.environ:
+        from trec_rank.parallel.env import record_failure
+
+        record_failure(message)
+    return code
 
 
 if __name__ == "__main__":

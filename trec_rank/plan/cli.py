@@ -48,10 +48,11 @@ def add_subcommand(sub: Any) -> None:
                    help="device the ranks compute on (default: the config's sharding.device unless 'auto'). "
                         "cuda plans need no GPU here; cpu offers no row-wise EmbeddingBag sharding")
     p.add_argument("--hbm-gb", type=float, metavar="X",
-                   help="accelerator memory per rank in GB (default: sharding.hbm_gb, else torchrec's 32); "
-                        "cpu ranks have none")
+                   help="accelerator memory per rank in GiB (2^30 bytes: the unit of every *_gb value and of the "
+                        "report; torch.cuda.mem_get_info shows an 80GB H100 as 79.6). Default: sharding.hbm_gb, "
+                        "else this machine's GPU memory when it has one, else torchrec's 32; cpu ranks have none")
     p.add_argument("--ddr-gb", type=float, metavar="Y",
-                   help="host memory per rank in GB (default: sharding.ddr_gb, else torchrec's 128); holds "
+                   help="host memory per rank in GiB (default: sharding.ddr_gb, else torchrec's 128); holds "
                         "everything on cpu, and UVM/caching-kernel rows on cuda")
     p.add_argument("--batch-size", type=int, metavar="B",
                    help="per-rank training batch (default: data.batch_size); sizes input buffers and the "
@@ -63,7 +64,7 @@ def add_subcommand(sub: Any) -> None:
                    help="table: text tables (default); json: the same numbers as one JSON document on stdout")
     p.add_argument("--compare", nargs="+", metavar="SPEC",
                    help="plan several clusters side by side. SPEC is comma-separated key=value with keys "
-                        f"{', '.join(SPEC_KEYS)} (world size, ranks per host, device, HBM GB, DDR GB, batch); "
+                        f"{', '.join(SPEC_KEYS)} (world size, ranks per host, device, HBM GiB, DDR GiB, batch); "
                         "keys left out come from the options above. e.g. ws=8,lws=8,hbm=80 ws=16,lws=8,hbm=40")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.batch_size=2048 (repeatable; value parsed "

@@ -61,7 +61,7 @@ def _reservation_failure(result: PlanResult) -> Diagnosis:
     first = str(result.error).strip().splitlines()[0] if result.error else ""
     return Diagnosis(tier, None, [], [
         f"{result.cluster.label}: the dense model, input buffers and the 15% margin alone exceed one rank's "
-        f"{tier.upper()} ({cap:.1f} GB)", first],
+        f"{tier.upper()} ({cap:.1f} GiB)", first],
         [f"more {tier.upper()} per rank (--hbm-gb/--ddr-gb)",
          f"a smaller per-rank batch (--batch-size, now {result.batch_size})"])
 
@@ -104,11 +104,11 @@ def _explain(result: PlanResult, tables: dict[str, list[ShardingOption]], tier: 
                 break
             named.append(t)
             covered += need[t]
-        lines.append(f"{cl.label}: the tables need at least {sum(need.values()) / GB:.1f} GB of {name}, the "
-                     f"{cl.world_size} ranks have {free_total / GB:.1f} GB left after reservations (dense "
-                     f"model, input buffers, 15% margin): short by {short / GB:.1f} GB")
+        lines.append(f"{cl.label}: the tables need at least {sum(need.values()) / GB:.1f} GiB of {name}, the "
+                     f"{cl.world_size} ranks have {free_total / GB:.1f} GiB left after reservations (dense "
+                     f"model, input buffers, 15% margin): short by {short / GB:.1f} GiB")
         lines.append("largest tables (at their cheapest allowed option): " + ", ".join(
-            f"{t} {_shape(tables[t])} ({need[t] / GB:.1f} GB)" for t in named))
+            f"{t} {_shape(tables[t])} ({need[t] / GB:.1f} GiB)" for t in named))
         per_rank = free_total / cl.world_size
         ranks = math.ceil(sum(need.values()) / per_rank / cl.local_world_size) * cl.local_world_size
         suggestions.append(f"more ranks: about {ranks} ({ranks // cl.local_world_size} hosts of "
@@ -118,8 +118,8 @@ def _explain(result: PlanResult, tables: dict[str, list[ShardingOption]], tier: 
     shortfall = short
     if too_big:
         worst = too_big[0]
-        lines.append(f"too large for one rank ({free_rank / GB:.1f} GB of {name} free per rank): " + ", ".join(
-            f"{t} {_shape(tables[t])} (smallest shard {piece[t] / GB:.1f} GB)" for t in too_big))
+        lines.append(f"too large for one rank ({free_rank / GB:.1f} GiB of {name} free per rank): " + ", ".join(
+            f"{t} {_shape(tables[t])} (smallest shard {piece[t] / GB:.1f} GiB)" for t in too_big))
         shortfall = max(short, piece[worst] - free_rank)
     named = list(dict.fromkeys(too_big + named))
     suggestions += _split_and_cache(result, tables, named, need, tier)
@@ -142,7 +142,7 @@ def _split_and_cache(result: PlanResult, tables: dict[str, list[ShardingOption]]
         missing = [s for s in candidates if s not in allowed]
         if missing:
             out.append(f"{missing[0].replace('_', '-')} sharding: add {' or '.join(missing)} to "
-                       f"sharding.constraints.{t}.sharding_types (~{need[t] / cl.world_size / GB:.1f} GB "
+                       f"sharding.constraints.{t}.sharding_types (~{need[t] / cl.world_size / GB:.1f} GiB "
                        f"per rank if spread over all {cl.world_size} ranks)")
         kernels = cons.compute_kernels if cons is not None else None
         if cl.device == "cuda" and tier == "hbm" and kernels and CACHING not in kernels:
@@ -170,5 +170,5 @@ def _smaller_dims(tables: dict[str, list[ShardingOption]], candidates: list[str]
     if not changes:
         return []
     what = ", ".join(f"{t} {tables[t][0].tensor.shape[1]} -> {d}" for t, d in changes.items())
-    enough = "" if saved >= short else f", not enough alone (short {short / GB:.1f} GB)"
-    return [f"smaller embedding_dim: {what} (saves ~{saved / GB:.1f} GB{enough})"]
+    enough = "" if saved >= short else f", not enough alone (short {short / GB:.1f} GiB)"
+    return [f"smaller embedding_dim: {what} (saves ~{saved / GB:.1f} GiB{enough})"]

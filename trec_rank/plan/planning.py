@@ -30,6 +30,7 @@ from torchrec.distributed.planner.types import (
 from torchrec.distributed.types import ShardingPlan
 
 from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.parallel.env import device_total_bytes, planner_hbm_gib
 from trec_rank.parallel.sharding import planner, sharders, tag_sparse_optimizer, topology
 from trec_rank.plan.fingerprint import planning_model
 
@@ -153,8 +154,9 @@ def plan_cluster(cfg: ExperimentConfig, cluster: Cluster) -> PlanResult:
     """Run the trainer's planner for `cluster`; a model that does not fit gives `plan=None`."""
     model = planning_model(cfg)
     tag_sparse_optimizer(model, cfg.train.optim, cluster.device)
+    hbm_gb = planner_hbm_gib(cluster.hbm_gb, cfg.sharding.hbm_gb, device_total_bytes(cluster.device))
     topo = topology(cfg, cluster.world_size, cluster.local_world_size, cluster.device,
-                    hbm_gb=cluster.hbm_gb, ddr_gb=cluster.ddr_gb)
+                    hbm_gb=hbm_gb, ddr_gb=cluster.ddr_gb)
     batch_size = cluster.batch_size or cfg.data.batch_size
     capture = CapturePlan()
     result = PlanResult(cluster=cluster, model=model, topology=topo, batch_size=batch_size, seconds=0.0)

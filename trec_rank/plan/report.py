@@ -121,14 +121,14 @@ def render_text(result: PlanResult, config: str) -> str:
     records = table_records(result)
     for module in dict.fromkeys(r["module"] for r in records):
         out += ["", f"module {module}", grid(
-            ["table", "rows x dim", "sharding", "kernel", "ranks", "shard sizes", "HBM GB", "DDR GB",
+            ["table", "rows x dim", "sharding", "kernel", "ranks", "shard sizes", "HBM GiB", "DDR GiB",
              "perf ms (all shards)"],
             [[r["table"], f"{r['rows']} x {r['dim']}", r["sharding_type"], r["compute_kernel"], _ranks(r["ranks"]),
               _sizes(r["shard_sizes"]), f"{r['hbm_gb']:.3f}", f"{r['ddr_gb']:.3f}", f"{r['perf_ms']:.3f}"]
              for r in records if r["module"] == module])]
     ranks = rank_records(result)
     out += ["", "per rank (used = table shards + reserved for dense model, input buffers and a 15% margin)", grid(
-        ["rank", "host", "HBM GB used/cap", "DDR GB used/cap", "shards", "fwd comp", "fwd comm", "bwd comp",
+        ["rank", "host", "HBM GiB used/cap", "DDR GiB used/cap", "shards", "fwd comp", "fwd comm", "bwd comp",
          "bwd comm", "perf ms"],
         [[r["rank"], r["host"], f"{r['hbm_used_gb']:.2f}/{r['hbm_cap_gb']:.0f}",
           f"{r['ddr_used_gb']:.2f}/{r['ddr_cap_gb']:.0f}", r["shards"], f"{r['fwd_compute_ms']:.3f}",
@@ -136,8 +136,8 @@ def render_text(result: PlanResult, config: str) -> str:
           f"{r['perf_ms']:.3f}"] for r in ranks])]
     hbm, ddr = sum(r["tables_hbm_gb"] for r in ranks), sum(r["tables_ddr_gb"] for r in ranks)
     types = ", ".join(f"{SHORT.get(k, k)} {n}" for k, n in s["sharding_types"].items())
-    out += ["", f"totals: {s['tables']} tables ({types}); table shards {hbm:.2f} GB HBM + {ddr:.2f} GB DDR; "
-            f"peak {s['memory'].upper()} {s['max_used_gb']:.2f}/{s['cap_gb']:.0f} GB per rank",
+    out += ["", f"totals: {s['tables']} tables ({types}); table shards {hbm:.2f} GiB HBM + {ddr:.2f} GiB DDR; "
+            f"peak {s['memory'].upper()} {s['max_used_gb']:.2f}/{s['cap_gb']:.0f} GiB per rank",
             f"perf: max {s['max_perf_ms']:.3f} ms (rank {s['max_perf_rank']}), mean {s['mean_perf_ms']:.3f} ms; "
             f"imbalance (max/mean) perf {s['perf_imbalance']:.2f}, {s['memory'].upper()} {s['memory_imbalance']:.2f}"]
     return "\n".join(out)
@@ -146,7 +146,7 @@ def render_text(result: PlanResult, config: str) -> str:
 def shortfall(diagnosis: dict[str, Any]) -> str:
     tier = diagnosis["tier"].upper()
     gb = diagnosis["shortfall_gb"]
-    return f"dense part exceeds {tier}" if gb is None else f"short {gb:.1f} GB {tier}"
+    return f"dense part exceeds {tier}" if gb is None else f"short {gb:.1f} GiB {tier}"
 
 
 def render_compare(results: list[PlanResult]) -> str:
@@ -158,8 +158,8 @@ def render_compare(results: list[PlanResult]) -> str:
 
     fits = ["fits"] + ["yes" if s["fits"] else f"no: {shortfall(s['diagnosis'])}" for s in sums]
     rows = [fits, ["plan time s"] + [f"{s['seconds']:.1f}" for s in sums],
-            row("peak memory/rank GB", lambda s: f"{s['max_used_gb']:.1f}/{s['cap_gb']:.0f} {s['memory'].upper()}"),
-            row("table shards GB", lambda s: f"{s['tables_gb']:.1f}"),
+            row("peak memory/rank GiB", lambda s: f"{s['max_used_gb']:.1f}/{s['cap_gb']:.0f} {s['memory'].upper()}"),
+            row("table shards GiB", lambda s: f"{s['tables_gb']:.1f}"),
             row("max perf ms", lambda s: f"{s['max_perf_ms']:.3f}"),
             row("perf imbalance", lambda s: f"{s['perf_imbalance']:.2f}"),
             row("memory imbalance", lambda s: f"{s['memory_imbalance']:.2f}"),
