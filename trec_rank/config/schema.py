@@ -5,15 +5,19 @@ and the item history share the item table). Routing rule, fixed here so every co
 a table read by any `sequence` feature lives in the EmbeddingCollection (jagged, unpooled), and
 every feature on it - sequence or sparse - travels in the `sequence` KJT; all other sparse
 features travel in the `sparse` KJT and are pooled by the EmbeddingBagCollection.
+
+A config names its schema inline or by file (`inline_schema`): configs over one dataset share
+one file and state only how they differ from it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.typed import ConfigError, read_yaml
 
 FeatureKind = Literal["sparse", "sequence", "dense", "label"]
 # Names become torch module keys and TorchRec feature/table names: no '.', '/', spaces.
@@ -162,3 +166,38 @@ class Schema:
         """Rows to allocate: num_embeddings, plus one shared OOV row if any feature asks for it."""
         extra = any(f.table == name and f.oov == "oov_row" for f in self.features)
         return self.table(name).num_embeddings + int(extra)
+
+
+def inline_schema(raw: Any, base: Path, key: str = "schema") -> Any:
+    """Expand schema files into the inline mapping {tables, features} the Schema dataclass reads.
+
+    `schema: FILE` is the file's schema; `schema: {include: FILE, drop: [feature names], tables: [...],
+    features: [...]}` is the file's schema without the dropped features, then the listed tables and
+    features appended. FILE is relative to the file that names it and may itself include another.
+    An inline mapping without `include` is returned as it is.
+    """
+    if isinstance(raw, str):
+        raw = {"include": raw}
+    if not isinstance(raw, dict) or "include" not in raw:
+        return raw
+    unknown = sorted(set(raw) - {"include", "drop", "tables", "features"})
+    if unknown:
+        raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (allowed with include: drop, features, "
+                          "include, tables)")
+    path = base / str(raw["include"])
+    if not path.is_file():
+        raise ConfigError(f"{key}.include: schema file not found: {path}")
+    inner = inline_schema(read_yaml(path), path.parent, f"{key}.include ({path})")
+    if not isinstance(inner, dict) or set(inner) - {"tables", "features"}:
+        raise ConfigError(f"{key}.include: {path} must be a mapping of tables and features")
+    for name in ("drop", "tables", "features"):
+        if not isinstance(raw.get(name, []), list):
+            raise ConfigError(f"{key}.{name}: expected a list, got {raw[name]!r}")
+    features, drop = list(inner.get("features", [])), raw.get("drop", [])
+    names = [f.get("name") if isinstance(f, dict) else None for f in features]
+    for i, name in enumerate(drop):
+        if name not in names:
+            raise ConfigError(f"{key}.drop[{i}]: '{name}' is not a feature of {path}")
+    return {"tables": [*inner.get("tables", []), *raw.get("tables", [])],
+            "features": [f for f, n in zip(features, names, strict=True) if n not in drop]
+            + list(raw.get("features", []))}

@@ -105,8 +105,15 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data view of a config (for manifests, checkpoints and fingerprints)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Plain-data view of a config (for manifests, checkpoints and fingerprints): what `from_dict`
+    reads back, so fields derived at load (`init=False`: typed params, the source file) are left out."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
@@ -151,9 +158,21 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = ()) -> T:
-    """Read YAML, apply `--set key=value` overrides, build `cls`; errors name the file and key."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
+def beside_config(path: str, config_file: str | Path) -> str:
+    """A path from a config file: as given when absolute or present (from the working directory),
+    else relative to the config file's directory, so shipped configs run from the repository root
+    and from anywhere else. Applied once, at load; absolute in the second case, so no consumer
+    re-roots it."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str((Path(config_file).parent / path).absolute())
+
+
+def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = (),
+              read: typing.Callable[[Path], dict] = read_yaml) -> T:
+    """`read` the file, apply `--set key=value` overrides, build `cls` (which has a `source` field);
+    errors name the file and key."""
+    raw = apply_overrides(read(Path(path)), list(overrides))
     try:
         cfg = from_dict(cls, raw)
     except ConfigError as err:

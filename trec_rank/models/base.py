@@ -6,38 +6,28 @@ target item do not interact with the history.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.models import BaseParams
+from trec_rank.config.schema import Schema
 from trec_rank.models.embeddings import pool, pooled_dim, pooled_values
 from trec_rank.models.layers import MLP
-
-
-@dataclass
-class BaseParams:
-    hidden: list[int] = field(default_factory=lambda: [256, 128])
-    dropout: float = 0.0
-    history_pooling: Literal["mean", "sum"] = "mean"
 
 
 class BaseOverArch(nn.Module):
     """[pooled sparse | pooled EC features | dense] -> MLP -> one logit per task."""
 
-    def __init__(self, cfg: ExperimentConfig, params: BaseParams, device: torch.device) -> None:
+    def __init__(self, schema: Schema, tasks: list[str], params: BaseParams, device: torch.device) -> None:
         super().__init__()
-        schema = cfg.schema
         self.pooled_names = [f.name for f in schema.pooled_features]
         self.ec_features = [(f.name, f.pooling if f.kind == "sparse" else params.history_pooling)
                             for f in schema.sequence_features]
         width = pooled_dim(schema) + len(schema.dense)
         width += sum(schema.table(f.table).embedding_dim for f in schema.sequence_features)
         self.mlp = MLP(width, params.hidden, dropout=params.dropout, device=device)
-        self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device) for t in cfg.model.tasks})
+        self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device) for t in tasks})
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 dense: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from trec_rank.config.encoder import HSTUConfig
 from trec_rank.config.experiment import DataConfig, ExperimentConfig, OptimConfig, ShardingConfig, TableConstraint
 from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
-from trec_rank.config.typed import ConfigError, from_dict, load_file, read_yaml, to_dict
-from trec_rank.models.hstu import HSTUConfig
+from trec_rank.config.typed import ConfigError, beside_config, from_dict, load_file, read_yaml, to_dict
 from trec_rank.models.sasrec import SASRecConfig
 
 ITEM_TABLE = "item"
@@ -28,7 +28,7 @@ ENCODERS: dict[str, type] = {"hstu": HSTUConfig, "sasrec": SASRecConfig}
 
 @dataclass
 class SequenceData:
-    path: str  # a directory of Parquet files with one row per user (e.g. data/ml-100k/sequences)
+    path: str  # a directory of Parquet files with one row per user (e.g. data/ml-100k/sequences); resolved at load
     items_column: str = "item_ids"  # list<int64>, oldest first
     time_column: str = "timestamps"  # list<int64> seconds, aligned with the items
     max_seq_len: int = 200  # most recent items the encoder sees (the reference's max_sequence_length)
@@ -57,14 +57,18 @@ class ItemTable:
 
 @dataclass
 class EncoderSpec:
+    """`params` as written (what the fingerprint hashes, like the ranking ModelConfig); `typed_params`:
+    them as HSTUConfig / SASRecConfig, parsed once at load."""
+
     name: Literal["hstu", "sasrec"] = "hstu"
-    params: dict[str, Any] = field(default_factory=dict)  # checked against HSTUConfig / SASRecConfig
+    params: dict[str, Any] = field(default_factory=dict)
+    typed_params: HSTUConfig | SASRecConfig = field(default_factory=HSTUConfig, init=False, repr=False)
 
     def post_load(self, key: str) -> None:
-        self.encoder_config(key)
+        self.typed_params = from_dict(ENCODERS[self.name], self.params, f"{key}.params")
 
-    def encoder_config(self, key: str = "model") -> Any:
-        return from_dict(ENCODERS[self.name], self.params, f"{key}.params")
+    def encoder_config(self) -> HSTUConfig | SASRecConfig:
+        return self.typed_params
 
 
 @dataclass
@@ -127,6 +131,7 @@ class RetrievalConfig:
     train: RetrievalTrain = field(default_factory=RetrievalTrain)
     eval: RetrievalEval = field(default_factory=RetrievalEval)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    source: str = field(default="", init=False)  # the YAML file it was loaded from ("" when built in code)
 
     def post_load(self, key: str) -> None:
         for table, constraint in self.sharding.constraints.items():
@@ -161,8 +166,10 @@ class RetrievalConfig:
 
 
 def load_retrieval_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RetrievalConfig:
-    """Read YAML, apply `--set key=value` overrides, validate; errors name the file and key."""
-    return load_file(RetrievalConfig, path, overrides)
+    """Read YAML, apply `--set key=value` overrides, validate, resolve data.path; errors name the file and key."""
+    cfg = load_file(RetrievalConfig, path, overrides)
+    cfg.data.path = beside_config(cfg.data.path, path)
+    return cfg
 
 
 def is_retrieval_config(path: str | Path) -> bool:
