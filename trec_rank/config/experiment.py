@@ -54,10 +54,7 @@ class ModelConfig:
     name: str = "base"
     tasks: list[str] = field(default_factory=list)  # default: every label in the schema
     params: dict[str, Any] = field(default_factory=dict)
-    typed_params: Any = field(default=None, init=False, repr=False)
-
-    def post_load(self, key: str) -> None:
-        self.typed_params = parse_params(self.name, self.params, key or "model")
+    typed_params: Any = field(default=None, init=False, repr=False)  # set by ExperimentConfig.post_load
 
 
 @dataclass
@@ -134,6 +131,7 @@ class ExperimentConfig:
             sparse = [f.name for f in self.schema.of_kind("sparse")]
             if self.data.group_by not in sparse:
                 raise ConfigError(f"data.group_by: '{self.data.group_by}' is not a sparse feature ({sparse})")
+        self.model.typed_params = parse_params(self.model.name, self.model.params)  # also when `model:` is absent
         if isinstance(self.model.typed_params, EsmmParams):  # ESMM's outputs are tied to two tasks
             self.model.typed_params.check_tasks(self.model.tasks, self.train.loss_weights)
 
