@@ -322,7 +322,7 @@ def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) 
             cfg = load_config(ROOT / "configs/ml100k_din.yaml", [
                 f"data.path={ml100k_dir}/ranking",
                 f"model.params.encoder.l2.weight={weight}", "train.optim.sparse=sgd", f"train.optim.sparse_lr={lr}"])
-            dmp = build_train_model(cfg, env)
+            dmp = build_train_model(cfg, env, id_counts=train_id_counts(cfg))
             before = dmp.state_dict()["model.ec.embeddings.item.weight"].local_shards()[0].tensor.clone()
             batch = next(iter(ParquetDataset(cfg.data.split_path("train"), cfg.schema, 32, shuffle=True).batches()))
             loss, _ = dmp(batch)
