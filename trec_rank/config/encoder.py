@@ -1,9 +1,5 @@
-"""Typed params of the shared feature encoder and its parts (DIN attention, feedback, L2, HSTU tokens).
-
-They live in the config layer, not next to the modules that read them, so a config is fully typed
-at load without importing any model code (config < data < models). The modules in
-`trec_rank.models` document what each option does to the computation.
-"""
+"""Typed params of the feature encoder's parts (DIN attention, feedback, L2, HSTU tokens); here, not
+beside the modules that read them, so a config is typed at load without importing model code."""
 
 from __future__ import annotations
 
@@ -11,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from trec_rank.config.schema import Schema
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.typed import ConfigError, check_min
 
 Activation = Literal["dice", "prelu", "relu"]
 Interaction = Literal["query", "key", "diff", "prod", "outer"]
@@ -35,8 +31,7 @@ class AttentionParams:
             raise ConfigError(f"{key}.interaction: needs at least one term")
         if len(set(self.interaction)) != len(self.interaction):
             raise ConfigError(f"{key}.interaction: repeated term in {self.interaction}")
-        if self.outer_dim < 0:
-            raise ConfigError(f"{key}.outer_dim: must be >= 0, got {self.outer_dim}")
+        check_min(self, key, 0, "outer_dim")
 
 
 @dataclass
@@ -69,8 +64,7 @@ class FeedbackParams:
             raise ConfigError(f"{key}.user: u needs user features or a history")
         if self.tau <= 0:
             raise ConfigError(f"{key}.tau: must be > 0, got {self.tau}")
-        if self.weight < 0:
-            raise ConfigError(f"{key}.weight: must be >= 0, got {self.weight}")
+        check_min(self, key, 0, "weight")
         if not 0.0 <= self.table_grad_scale <= 1.0:
             raise ConfigError(f"{key}.table_grad_scale: must be in [0, 1], got {self.table_grad_scale}")
 
@@ -83,8 +77,7 @@ class L2Params:
     tables: list[str] = field(default_factory=list)
 
     def post_load(self, key: str) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"{key}.weight: must be >= 0, got {self.weight}")
+        check_min(self, key, 0, "weight")
 
     def counted_tables(self, schema: Schema, key: str = "model.params.encoder.l2") -> list[str]:
         """The tables whose id frequencies n_j the regulariser needs: the configured ones (or all)
@@ -110,9 +103,7 @@ class HSTUConfig:
     num_time_buckets: int = 128
 
     def post_load(self, key: str) -> None:
-        for name in ("num_blocks", "num_heads", "dqk", "dv", "num_time_buckets"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+        check_min(self, key, 1, "num_blocks", "num_heads", "dqk", "dv", "num_time_buckets")
         for name in ("input_dropout", "linear_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ConfigError(f"{key}.{name}: must be in [0, 1), got {getattr(self, name)}")
@@ -154,8 +145,7 @@ class KeySide:
     num_values: int
 
     def post_load(self, key: str) -> None:
-        if self.num_values < 1:
-            raise ConfigError(f"{key}.num_values: must be >= 1, got {self.num_values}")
+        check_min(self, key, 1, "num_values")
 
 
 @dataclass

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from trec_rank.config.models import EsmmParams, parse_params
 from trec_rank.config.schema import Schema, inline_schema
-from trec_rank.config.typed import ConfigError, beside_config, load_file, read_yaml
+from trec_rank.config.typed import ConfigError, beside_config, check_min, load_file, read_yaml
 
 
 @dataclass
@@ -33,11 +33,8 @@ class DataConfig:
     group_by: str = ""  # single-id sparse feature whose groups GAUC averages over, e.g. user_id ("": no GAUC)
 
     def post_load(self, key: str) -> None:
-        for name in ("batch_size", "eval_batch_size", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"{key}.num_workers: must be >= 0")
+        check_min(self, key, 1, "batch_size", "eval_batch_size", "shuffle_buffer")
+        check_min(self, key, 0, "num_workers")
 
     def split_path(self, split: str, base: Path | None = None) -> Path:  # noqa: ARG002
         """`path` is resolved when the file loads; `base` (the config file's directory) is no longer
@@ -83,10 +80,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def post_load(self, key: str) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"{key}.epochs: must be >= 1, got {self.epochs}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"{key}.keep_checkpoints: must be >= 1")
+        check_min(self, key, 1, "epochs", "keep_checkpoints")
 
 
 @dataclass

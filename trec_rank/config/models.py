@@ -1,9 +1,5 @@
-"""Typed params of every ranking model, and the model name -> params table.
-
-`model.params` is parsed into its model's dataclass once, when the experiment config loads
-(`parse_params`); the model builders in `trec_rank.models.registry` receive that object and never
-read the YAML mapping again. Adding a model = its params dataclass here + one line in each table.
-"""
+"""Typed params of every ranking model: `model.params` becomes its model's dataclass once, at load
+(`parse_params`); `trec_rank.models.registry` builds from that object and never reads the mapping."""
 
 from __future__ import annotations
 
@@ -11,11 +7,15 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from trec_rank.config.encoder import Activation, EncoderParams, HSTUTokenParams
-from trec_rank.config.typed import ConfigError, from_dict
+from trec_rank.config.typed import ConfigError, check_min, from_dict
 
 
 @dataclass
 class BaseParams:
+    """The embedding + MLP base model: every feature pooled (histories mean/sum pooled, so their order
+    and the target item do not interact), concatenated, one ReLU MLP, per-task heads: the floor every
+    sequence model must beat."""
+
     hidden: list[int] = field(default_factory=lambda: [256, 128])
     dropout: float = 0.0
     history_pooling: Literal["mean", "sum"] = "mean"
@@ -78,8 +78,7 @@ class PLEParams(CGCParams):
 
     def post_load(self, key: str) -> None:
         super().post_load(key)
-        if self.levels < 1:
-            raise ConfigError(f"{key}.levels: must be >= 1, got {self.levels}")
+        check_min(self, key, 1, "levels")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trec_rank.config.typed import ConfigError, read_yaml
+from trec_rank.config.typed import ConfigError, check_min, from_dict, read_yaml
 
 FeatureKind = Literal["sparse", "sequence", "dense", "label"]
 # Names become torch module keys and TorchRec feature/table names: no '.', '/', spaces.
@@ -41,10 +41,7 @@ class TableConfig:
 
     def post_load(self, key: str) -> None:
         _check_name(self.name, key)
-        if self.num_embeddings < 1:
-            raise ConfigError(f"{key}.num_embeddings: must be >= 1, got {self.num_embeddings}")
-        if self.embedding_dim < 1:
-            raise ConfigError(f"{key}.embedding_dim: must be >= 1, got {self.embedding_dim}")
+        check_min(self, key, 1, "num_embeddings", "embedding_dim")
 
 
 @dataclass
@@ -80,8 +77,7 @@ class FeatureConfig:
             raise ConfigError(f"{key}.table: a {self.kind} feature has no embedding table")
         if self.kind == "sequence" and self.max_len < 1:
             raise ConfigError(f"{key}.max_len: a sequence feature needs max_len >= 1")
-        if self.max_len < 0:
-            raise ConfigError(f"{key}.max_len: must be >= 0, got {self.max_len}")
+        check_min(self, key, 0, "max_len")
         if self.side and self.kind != "sequence":
             raise ConfigError(f"{key}.side: only sequence features have side columns")
 
@@ -168,36 +164,33 @@ class Schema:
         return self.table(name).num_embeddings + int(extra)
 
 
-def inline_schema(raw: Any, base: Path, key: str = "schema") -> Any:
-    """Expand schema files into the inline mapping {tables, features} the Schema dataclass reads.
+@dataclass
+class SchemaFile:
+    """`schema: {include: FILE, drop: [...], tables: [...], features: [...]}`: FILE's schema without the
+    dropped features, then the listed tables and features. FILE is relative to the file naming it and
+    may include another; `schema: FILE` is the same with nothing dropped or added."""
 
-    `schema: FILE` is the file's schema; `schema: {include: FILE, drop: [feature names], tables: [...],
-    features: [...]}` is the file's schema without the dropped features, then the listed tables and
-    features appended. FILE is relative to the file that names it and may itself include another.
-    An inline mapping without `include` is returned as it is.
-    """
+    include: str
+    drop: list[str] = field(default_factory=list)
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    features: list[dict[str, Any]] = field(default_factory=list)
+
+
+def inline_schema(raw: Any, base: Path, key: str = "schema") -> Any:
+    """Schema files expanded into the inline mapping {tables, features} that `Schema` reads."""
     if isinstance(raw, str):
         raw = {"include": raw}
     if not isinstance(raw, dict) or "include" not in raw:
         return raw
-    unknown = sorted(set(raw) - {"include", "drop", "tables", "features"})
-    if unknown:
-        raise ConfigError(f"unknown config key '{key}.{unknown[0]}' (allowed with include: drop, features, "
-                          "include, tables)")
-    path = base / str(raw["include"])
+    spec = from_dict(SchemaFile, raw, key)
+    path = base / spec.include
     if not path.is_file():
         raise ConfigError(f"{key}.include: schema file not found: {path}")
     inner = inline_schema(read_yaml(path), path.parent, f"{key}.include ({path})")
-    if not isinstance(inner, dict) or set(inner) - {"tables", "features"}:
-        raise ConfigError(f"{key}.include: {path} must be a mapping of tables and features")
-    for name in ("drop", "tables", "features"):
-        if not isinstance(raw.get(name, []), list):
-            raise ConfigError(f"{key}.{name}: expected a list, got {raw[name]!r}")
-    features, drop = list(inner.get("features", [])), raw.get("drop", [])
+    features = inner.get("features", [])
     names = [f.get("name") if isinstance(f, dict) else None for f in features]
-    for i, name in enumerate(drop):
+    for i, name in enumerate(spec.drop):
         if name not in names:
             raise ConfigError(f"{key}.drop[{i}]: '{name}' is not a feature of {path}")
-    return {"tables": [*inner.get("tables", []), *raw.get("tables", [])],
-            "features": [f for f, n in zip(features, names, strict=True) if n not in drop]
-            + list(raw.get("features", []))}
+    return {"tables": [*inner.get("tables", []), *spec.tables],
+            "features": [f for f, n in zip(features, names, strict=True) if n not in spec.drop] + spec.features}

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A user config problem; the message always names the key (and file when known)."""
 
 
+def check_min(obj: Any, key: str, low: float, *names: str) -> None:
+    """Range checks in post_load: the first of `obj`'s fields `names` below `low` raises, naming `<key>.<name>`."""
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ConfigError(f"{key}.{name}: must be >= {low}, got {getattr(obj, name)}")
+
+
 def _check(kind: Any, value: Any, key: str) -> Any:
     origin = get_origin(kind)
     if kind is Any:

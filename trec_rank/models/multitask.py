@@ -51,9 +51,3 @@ class MultiTaskOverArch(nn.Module):
                 side: dict[str, torch.Tensor], batch: Batch | None = None) -> dict[str, torch.Tensor]:
         return self.forward_gates(pooled, jagged, dense, batch)[0]
 
-
-def builder(kind: str):  # noqa: ANN201 - registry over-arch builder (schema, tasks, params, device) -> module
-    def build(schema: Schema, tasks: list[str], params: TowerParams, device: torch.device) -> MultiTaskOverArch:
-        return MultiTaskOverArch(schema, tasks, params, device, kind)
-
-    return build

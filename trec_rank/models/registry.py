@@ -1,29 +1,35 @@
-"""Model registry: model name -> over-arch builder. Adding a model = its params in config/models.py
-and one line in each table.
-
-Over-arches receive what they read - the schema, the tasks and their typed params - never the
-whole experiment, so they can be built from any config that provides those three.
-"""
+"""Model registry: name -> over-arch builder (adding a model = its params in config/models.py and one
+line in each table). Over-arches receive what they read - schema, tasks, typed params - not the experiment."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 import torch
 from torch import nn
 
+from trec_rank.config.encoder import EncoderParams
 from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.models import base, din, esmm, hstu, multitask
+from trec_rank.config.models import BaseParams, DinParams
+from trec_rank.config.schema import Schema
+from trec_rank.models import din, esmm, hstu
 from trec_rank.models.embeddings import build_ebc, build_ec
+from trec_rank.models.multitask import MultiTaskOverArch
 from trec_rank.models.ranking import RankingModel
 from trec_rank.models.regularizer import MiniBatchL2
 
-OverArch = Callable[..., nn.Module]  # (schema, tasks, params, device) -> over-arch module
-OVER_ARCHES: dict[str, OverArch] = {
-    "base": base.BaseOverArch, "din": din.DinOverArch, "shared_bottom": multitask.builder("shared_bottom"),
-    "moe": multitask.builder("moe"), "mmoe": multitask.builder("mmoe"), "cgc": multitask.builder("cgc"),
-    "ple": multitask.builder("ple"), "esmm": esmm.EsmmOverArch,
+
+def base_over_arch(schema: Schema, tasks: list[str], params: BaseParams, device: torch.device) -> nn.Module:
+    """The base model is DIN's over-arch with a bare encoder (every feature pooled) and a ReLU MLP."""
+    encoder = EncoderParams(history_pooling=params.history_pooling)
+    return din.DinOverArch(schema, tasks, DinParams(encoder, params.hidden, "relu", params.dropout), device)
+
+
+OVER_ARCHES: dict[str, Callable[..., nn.Module]] = {  # (schema, tasks, params, device) -> over-arch module
+    "base": base_over_arch, "din": din.DinOverArch, "esmm": esmm.EsmmOverArch,
+    **{kind: partial(MultiTaskOverArch, kind=kind) for kind in ("shared_bottom", "moe", "mmoe", "cgc", "ple")},
     "hstu": hstu.HSTUOverArch,  # HSTU as a ranking over-arch (hstu.py)
 }
 

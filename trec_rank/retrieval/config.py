@@ -16,7 +16,7 @@ from typing import Any, Literal
 from trec_rank.config.encoder import HSTUConfig
 from trec_rank.config.experiment import DataConfig, ExperimentConfig, OptimConfig, ShardingConfig, TableConstraint
 from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
-from trec_rank.config.typed import ConfigError, beside_config, from_dict, load_file, read_yaml, to_dict
+from trec_rank.config.typed import ConfigError, beside_config, check_min, from_dict, load_file, read_yaml, to_dict
 from trec_rank.models.sasrec import SASRecConfig
 
 ITEM_TABLE = "item"
@@ -37,9 +37,7 @@ class SequenceData:
     seed: int = 0
 
     def post_load(self, key: str) -> None:
-        for name in ("max_seq_len", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+        check_min(self, key, 1, "max_seq_len", "batch_size", "eval_batch_size")
 
 
 @dataclass
@@ -82,8 +80,7 @@ class LossConfig:
     def post_load(self, key: str) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"{key}.temperature: must be > 0, got {self.temperature}")
-        if self.num_negatives < 1:
-            raise ConfigError(f"{key}.num_negatives: must be >= 1, got {self.num_negatives}")
+        check_min(self, key, 1, "num_negatives")
 
 
 @dataclass
