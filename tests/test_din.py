@@ -24,7 +24,7 @@ from trec_rank.data.dataset import ParquetDataset
 from trec_rank.data.frequency import CACHE_NAME, id_counts, train_id_counts
 from trec_rank.models.attention import AttentionParams, TargetAttention, interaction_dim
 from trec_rank.models.dice import Dice
-from trec_rank.models.embeddings import materialize, to_padded
+from trec_rank.models.embeddings import materialize
 from trec_rank.models.ranking import AUX_LOSS
 from trec_rank.models.registry import build_model
 from trec_rank.models.regularizer import L2Params, MiniBatchL2
@@ -36,6 +36,14 @@ CPU = torch.device("cpu")
 def _dice_manual(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     p = 1.0 / (1.0 + torch.exp(-(x - mean) / torch.sqrt(var + 1e-8)))
     return p * x + (1 - p) * alpha * x
+
+
+def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged [N, D] -> padded [B, max_len, D] (zeros after each row's end) and mask [B, max_len]."""
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
+    padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
+    mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return padded, mask
 
 
 def test_dice_uses_batch_stats_in_train_and_running_stats_in_eval() -> None:

@@ -149,8 +149,5 @@ def build_network(kind: str, in_dim: int, tasks: list[str], p: TowerParams, act:
         return SharedBottom(in_dim, tasks, p, act, device)
     if kind in ("moe", "mmoe"):
         return MixtureOfExperts(in_dim, tasks, p, act, device, per_task=kind == "mmoe")
-    if kind == "cgc":
-        return ProgressiveLayered(in_dim, tasks, p, act, device, levels=1)
-    if kind == "ple":
-        return ProgressiveLayered(in_dim, tasks, p, act, device, levels=p.levels)
-    raise ValueError(f"unknown tower network '{kind}'")
+    assert kind in ("cgc", "ple"), f"unknown tower network '{kind}'"
+    return ProgressiveLayered(in_dim, tasks, p, act, device, levels=p.levels if kind == "ple" else 1)

@@ -96,10 +96,8 @@ class RetrievalTrain:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(dense="adamw", sparse_lr=0.05))
 
     def post_load(self, key: str) -> None:
-        if self.epochs < 1 or self.keep_checkpoints < 1:
-            raise ConfigError(f"{key}: epochs and keep_checkpoints must be >= 1")
-        if self.max_steps < 0 or self.patience < 0 or self.checkpoint_every < 0:
-            raise ConfigError(f"{key}: max_steps, patience and checkpoint_every must be >= 0")
+        check_min(self, key, 1, "epochs", "keep_checkpoints")
+        check_min(self, key, 0, "max_steps", "patience", "checkpoint_every")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"{key}.adam_betas: expected two numbers, got {self.adam_betas}")
 
