@@ -2,8 +2,7 @@
 
 Loading validates everything up front (unknown keys, types, model params against the model's own
 dataclass, losses that name unknown tasks), so a bad key fails in a second, not after the
-data scan or the first collective. It also settles what depends on where the file is: the schema
-file(s) it names are inlined and `data.path` is resolved (`typed.beside_config`), once.
+data scan or the first collective.
 """
 
 from __future__ import annotations
@@ -37,8 +36,7 @@ class DataConfig:
         check_min(self, key, 0, "num_workers")
 
     def split_path(self, split: str, base: Path | None = None) -> Path:  # noqa: ARG002
-        """`path` is resolved when the file loads; `base` (the config file's directory) is no longer
-        read and goes once the trainers stop passing it."""
+        """`path` is resolved at load; `base` is ignored and goes once the trainers stop passing it."""
         return Path(self.path) / split
 
 

@@ -166,10 +166,9 @@ def read_yaml(path: str | Path) -> dict:
 
 
 def beside_config(path: str, config_file: str | Path) -> str:
-    """A path from a config file: as given when absolute or present (from the working directory),
-    else relative to the config file's directory, so shipped configs run from the repository root
-    and from anywhere else. Applied once, at load; absolute in the second case, so no consumer
-    re-roots it."""
+    """A path from a config file: as given when absolute or present (from the working directory), else
+    relative to the config file's directory (made absolute, so no consumer re-roots it): shipped configs
+    run from the repository root and from anywhere else."""
     if Path(path).is_absolute() or Path(path).exists():
         return path
     return str((Path(config_file).parent / path).absolute())
@@ -177,8 +176,7 @@ def beside_config(path: str, config_file: str | Path) -> str:
 
 def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = (),
               read: typing.Callable[[Path], dict] = read_yaml) -> T:
-    """`read` the file, apply `--set key=value` overrides, build `cls` (which has a `source` field);
-    errors name the file and key."""
+    """`read` the file, apply `--set key=value` overrides, build `cls` (it has a `source`); errors name file and key."""
     raw = apply_overrides(read(Path(path)), list(overrides))
     try:
         cfg = from_dict(cls, raw)

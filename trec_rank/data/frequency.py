@@ -1,7 +1,6 @@
 """Id frequencies n_j in the training split, per embedding table, for DIN's mini-batch-aware L2.
 
-Counting reads Parquet, so it lives with the data, not in the model: the trainer calls
-`train_id_counts(cfg)` and hands the result to `models.registry.build_model(..., id_counts=)`.
+Counting reads Parquet, so it is the data layer's: the trainer hands `train_id_counts(cfg)` to the model.
 
 n_j counts every occurrence of row j in any column that reads the table (the target item and the
 history lists of the item table alike), after the loader's OOV policy maps raw ids to rows. The
