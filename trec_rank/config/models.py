@@ -82,11 +82,10 @@ class PLEParams(CGCParams):
 
 
 @dataclass
-class EsmmParams:
-    encoder: EncoderParams = field(default_factory=EncoderParams)
+class EsmmParams(TowerParams):
+    """Two towers (CTR, CVR) over the shared encoder."""
+
     tower_hidden: list[int] = field(default_factory=lambda: [200, 80])
-    activation: Activation = "relu"
-    dropout: float = 0.0
     ctr_task: str = "watch"
     ctcvr_task: str = "like"
     cvr_output: str = "cvr"
