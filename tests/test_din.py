@@ -292,6 +292,22 @@ def test_minibatch_l2_unseen_ids_count_once_and_tables_are_checked() -> None:
         MiniBatchL2(schema, L2Params(weight=1.0, tables=["nope"]))
 
 
+def test_the_model_reads_no_data_and_uses_the_id_counts_it_is_handed(din_cfg, ml_batch: Batch) -> None:  # noqa: ANN001
+    """Counting is the data side's (data/frequency.py): a model built over a missing data path trains its
+    L2 with the counts handed to build_model; n_j doubled halves the penalty (every batch id is seen)."""
+    counts = train_id_counts(din_cfg)
+    cfg = copy.deepcopy(din_cfg)
+    cfg.data.path = "/nonexistent/ranking"
+    aux = []
+    for scale in (1, 2):
+        torch.manual_seed(0)
+        model = materialize(build_model(cfg, id_counts={t: scale * c for t, c in counts.items()}), CPU).train()
+        aux.append(model(ml_batch)[AUX_LOSS])
+    torch.testing.assert_close(aux[1], aux[0] / 2)
+    with pytest.raises(AssertionError, match="needs build_model"):
+        materialize(build_model(cfg), CPU).train()(ml_batch)
+
+
 def test_id_counts_match_manual_count_and_cache_is_invalidated(tmp_path: Path) -> None:
     schema = from_dict(Schema, {**L2_SCHEMA, "features": [
         *L2_SCHEMA["features"][:2], {"name": "hist", "kind": "sequence", "table": "item", "max_len": 5,
