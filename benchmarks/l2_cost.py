@@ -24,9 +24,9 @@ from train_throughput import ROOT, export_revision  # a sibling script: benchmar
 
 from trec_rank.config.experiment import load_config
 from trec_rank.data.dataset import ParquetDataset
+from trec_rank.data.frequency import train_id_counts
 from trec_rank.models import regularizer
 from trec_rank.models.embeddings import build_ebc, build_ec
-from trec_rank.models.frequency import id_counts, train_split_dir
 
 CPU = torch.device("cpu")
 
@@ -79,13 +79,16 @@ def main() -> None:
             inputs.append((ebc(batch.sparse), ec(batch.sequence), batch))
             if len(inputs) == args.batches:
                 break
-    params = regularizer.L2Params(weight=cfg.model.params["encoder"]["l2"]["weight"])
-    counts = lambda tables: id_counts(cfg.schema, train_split_dir(cfg), tables)  # noqa: E731
+    params = cfg.model.typed_params.encoder.l2
+    counts = train_id_counts(cfg)
     with tempfile.TemporaryDirectory() as tmp:
         export_revision(args.baseline, Path(tmp))
         old = revision_module(Path(tmp))
-        (t_old, loss_old) = time_l2(old.MiniBatchL2(cfg.schema, old.L2Params(weight=params.weight), counts), inputs)
-    t_new, loss_new = time_l2(regularizer.MiniBatchL2(cfg.schema, params, counts), inputs)
+        old_l2 = old.MiniBatchL2(cfg.schema, old.L2Params(weight=params.weight), lambda _: counts)
+        (t_old, loss_old) = time_l2(old_l2, inputs)
+    new = regularizer.MiniBatchL2(cfg.schema, params)
+    new.counts = counts
+    t_new, loss_new = time_l2(new, inputs)
     print(f"{'code':12} {'ms/batch':>9} {'loss[0]':>12}")
     print(f"{args.baseline[:12]:12} {1000 * t_old:>9.2f} {loss_old:>12.8f}")
     print(f"{'this':12} {1000 * t_new:>9.2f} {loss_new:>12.8f}")

@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, run_cli
+from trec_rank.config.experiment import read_config
 
 CONFIG = ROOT / "configs" / "ml100k_base.yaml"
 ROWS = {"train": 400, "valid": 200, "test": 200}
@@ -110,7 +111,7 @@ def bad_data(small: Path, root: Path, split: str, kind: str) -> Path:
 
 
 def bad_config(tmp: Path, edit: Callable[[dict], None]) -> Path:
-    data = yaml.safe_load(CONFIG.read_text())
+    data = read_config(CONFIG)  # schema file inlined: the copy is written elsewhere
     edit(data)
     path = tmp / "bad.yaml"
     path.write_text(yaml.safe_dump(data))

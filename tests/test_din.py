@@ -16,15 +16,15 @@ from torchrec.modules.embedding_configs import EmbeddingBagConfig, EmbeddingConf
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from tests.helpers import ROOT
-from trec_rank.config.experiment import load_config
+from trec_rank.config.experiment import ExperimentConfig, load_config
 from trec_rank.config.schema import Schema
-from trec_rank.config.typed import ConfigError, from_dict
+from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
+from trec_rank.data.frequency import CACHE_NAME, id_counts, train_id_counts
 from trec_rank.models.attention import AttentionParams, TargetAttention, interaction_dim
 from trec_rank.models.dice import Dice
-from trec_rank.models.embeddings import materialize, to_padded
-from trec_rank.models.frequency import CACHE_NAME, id_counts
+from trec_rank.models.embeddings import materialize
 from trec_rank.models.ranking import AUX_LOSS
 from trec_rank.models.registry import build_model
 from trec_rank.models.regularizer import L2Params, MiniBatchL2
@@ -36,6 +36,14 @@ CPU = torch.device("cpu")
 def _dice_manual(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
     p = 1.0 / (1.0 + torch.exp(-(x - mean) / torch.sqrt(var + 1e-8)))
     return p * x + (1 - p) * alpha * x
+
+
+def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Jagged [N, D] -> padded [B, max_len, D] (zeros after each row's end) and mask [B, max_len]."""
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
+    padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
+    mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+    return padded, mask
 
 
 def test_dice_uses_batch_stats_in_train_and_running_stats_in_eval() -> None:
@@ -133,6 +141,11 @@ def test_outer_product_interaction_flattened_and_projected() -> None:
     assert _unit(interaction=("query", "key", "diff", "prod")).mlp.net[0].in_features == 16
 
 
+def retyped(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` after a test edited its `model.params` mapping: validated and typed again, as loading does."""
+    return from_dict(ExperimentConfig, to_dict(cfg))
+
+
 # ---- DIN on MovieLens (several histories sharing one attention) --------------------------------
 @pytest.fixture(scope="module")
 def din_cfg(ml100k_dir: Path):  # noqa: ANN201
@@ -146,7 +159,7 @@ def ml_batch(din_cfg) -> Batch:  # noqa: ANN001
 
 
 def test_din_forward_groups_histories_and_adds_aux(din_cfg, ml_batch: Batch) -> None:  # noqa: ANN001
-    model = materialize(build_model(din_cfg), CPU)
+    model = materialize(build_model(din_cfg, id_counts=train_id_counts(din_cfg)), CPU)
     unit = model.over.encoder.attention[0]
     assert unit.dim == 32 + 32  # query = item_id | item_genre, keys = hist_item_id | hist_genre
     out = model.train()(ml_batch)
@@ -169,18 +182,18 @@ def test_din_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001
     cfg = copy.deepcopy(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["pairs"][1]["history"] = "hist_typo"
     with pytest.raises(ConfigError, match=r"attention\[0\]\.pairs\[1\]\.history: 'hist_typo'"):
-        build_model(cfg)
+        build_model(retyped(cfg))
     cfg = copy.deepcopy(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["pairs"][0]["target"] = "user_id"  # 16-d vs 32-d history
     with pytest.raises(ConfigError, match=r"pairs\[0\]: target 'user_id' \(16-d\)"):
-        build_model(cfg)
+        build_model(retyped(cfg))
 
 
 def _with_rating_keys(din_cfg):  # noqa: ANN001, ANN202
     cfg = copy.deepcopy(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["key_sides"] = [
         {"history": "hist_item_id", "side": "rating", "num_values": 6}]
-    return cfg
+    return retyped(cfg)
 
 
 def test_key_sides_add_the_behaviours_rating_embedding_to_each_key(din_cfg, ml_batch: Batch) -> None:  # noqa: ANN001
@@ -214,15 +227,15 @@ def test_key_side_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001
     cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["side"] = "mood"
     with pytest.raises(ConfigError, match=r"attention\[0\]\.key_sides\[0\]\.side: 'hist_item_id' has no side "
                                           r"'mood' in the schema \(its sides: rating, timestamp\)"):
-        build_model(cfg)
+        build_model(retyped(cfg))
     cfg = _with_rating_keys(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["history"] = "pos_item_id"
     with pytest.raises(ConfigError, match=r"key_sides\[0\]\.history: 'pos_item_id' is not a history of this"):
-        build_model(cfg)
+        build_model(retyped(cfg))
     cfg = _with_rating_keys(din_cfg)
     cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["num_values"] = 0
     with pytest.raises(ConfigError, match=r"key_sides\[0\]\.num_values: must be >= 1"):
-        build_model(cfg)
+        build_model(retyped(cfg))
 
 
 # ---- mini-batch-aware L2 -------------------------------------------------------------------------
@@ -251,7 +264,8 @@ def test_minibatch_l2_equals_manual_sum_and_only_touches_batch_rows() -> None:
     batch = Batch(dense=torch.zeros(3, 0), sparse=sparse, sequence=sequence,
                   weights=torch.tensor([1.0, 1.0, 0.0]))
     counts = {"item": np.array([0, 5, 0, 2, 0, 0, 0, 4, 0, 0]), "user": np.array([0, 0, 0, 0, 8, 0])}
-    l2 = MiniBatchL2(schema, L2Params(weight=0.5), lambda tables: {t: counts[t] for t in tables})
+    l2 = MiniBatchL2(schema, L2Params(weight=0.5))
+    l2.counts = counts
     loss = l2(ebc(sparse), ec(sequence), batch)
 
     w_item, w_user = ec.embeddings["item"].weight, ebc.embedding_bags["user"].weight
@@ -270,12 +284,28 @@ def test_minibatch_l2_equals_manual_sum_and_only_touches_batch_rows() -> None:
 
 def test_minibatch_l2_unseen_ids_count_once_and_tables_are_checked() -> None:
     schema = from_dict(Schema, L2_SCHEMA)
-    l2 = MiniBatchL2(schema, L2Params(weight=1.0, tables=["item"]),
-                     lambda tables: {"item": np.zeros(10, dtype=np.int64)})
+    l2 = MiniBatchL2(schema, L2Params(weight=1.0, tables=["item"]))
+    l2.counts = {"item": np.zeros(10, dtype=np.int64)}
     assert l2.tables == ["item"]
     assert torch.equal(l2.inverse_frequency("item", CPU), torch.ones(10))
     with pytest.raises(ConfigError, match=r"l2\.tables\[0\]: unknown table 'nope'"):
-        MiniBatchL2(schema, L2Params(weight=1.0, tables=["nope"]), dict)
+        MiniBatchL2(schema, L2Params(weight=1.0, tables=["nope"]))
+
+
+def test_the_model_reads_no_data_and_uses_the_id_counts_it_is_handed(din_cfg, ml_batch: Batch) -> None:  # noqa: ANN001
+    """Counting is the data side's (data/frequency.py): a model built over a missing data path trains its
+    L2 with the counts handed to build_model; n_j doubled halves the penalty (every batch id is seen)."""
+    counts = train_id_counts(din_cfg)
+    cfg = copy.deepcopy(din_cfg)
+    cfg.data.path = "/nonexistent/ranking"
+    aux = []
+    for scale in (1, 2):
+        torch.manual_seed(0)
+        model = materialize(build_model(cfg, id_counts={t: scale * c for t, c in counts.items()}), CPU).train()
+        aux.append(model(ml_batch)[AUX_LOSS])
+    torch.testing.assert_close(aux[1], aux[0] / 2)
+    with pytest.raises(AssertionError, match="needs build_model"):
+        materialize(build_model(cfg), CPU).train()(ml_batch)
 
 
 def test_id_counts_match_manual_count_and_cache_is_invalidated(tmp_path: Path) -> None:
@@ -305,7 +335,6 @@ def test_id_counts_match_manual_count_and_cache_is_invalidated(tmp_path: Path) -
 def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) -> None:
     """One fused-SGD step with and without the L2 (same init, same batch): the sharded item table
     differs by exactly -lr * 2 lambda w_j / n_j on the batch's rows and nowhere else."""
-    from trec_rank.models.frequency import train_split_dir
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.train.build import build_train_model
 
@@ -317,7 +346,7 @@ def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) 
             cfg = load_config(ROOT / "configs/ml100k_din.yaml", [
                 f"data.path={ml100k_dir}/ranking",
                 f"model.params.encoder.l2.weight={weight}", "train.optim.sparse=sgd", f"train.optim.sparse_lr={lr}"])
-            dmp = build_train_model(cfg, env)
+            dmp = build_train_model(cfg, env, id_counts=train_id_counts(cfg))
             before = dmp.state_dict()["model.ec.embeddings.item.weight"].local_shards()[0].tensor.clone()
             batch = next(iter(ParquetDataset(cfg.data.split_path("train"), cfg.schema, 32, shuffle=True).batches()))
             loss, _ = dmp(batch)
@@ -332,5 +361,5 @@ def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) 
                                   for f in ("item_id", "hist_item_id", "pos_item_id", "neg_item_id")]))
     diff = regularised - plain
     assert torch.equal(diff.abs().sum(1).nonzero().flatten(), ids)
-    n = torch.from_numpy(id_counts(cfg.schema, train_split_dir(cfg), ["item"])["item"]).clamp(min=1).float()
+    n = torch.from_numpy(id_counts(cfg.schema, cfg.data.split_path("train"), ["item"])["item"]).clamp(min=1).float()
     torch.testing.assert_close(diff[ids], -lr * 2 * lam * init[ids] / n[ids].unsqueeze(1), rtol=1e-4, atol=1e-8)

@@ -11,10 +11,11 @@ import yaml
 from torch.distributed.checkpoint import FileSystemReader
 
 from tests.helpers import ROOT, run_cli
+from trec_rank.config.experiment import read_config
 
 
 def test_din_mmoe_trains_on_two_ranks_with_sharded_tables(ml100k_dir: Path, tmp_path: Path) -> None:
-    cfg = yaml.safe_load((ROOT / "configs/ml100k_esmm_din.yaml").read_text())
+    cfg = read_config(ROOT / "configs/ml100k_esmm_din.yaml")  # schema file inlined: the copy is written elsewhere
     encoder = cfg["model"]["params"]["encoder"]
     assert encoder["attention"] and encoder["l2"]["weight"] > 0
     cfg["model"] = {"name": "mmoe", "tasks": ["watch", "like"],

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from tests.helpers import ROOT
-from trec_rank.config.experiment import load_config
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.experiment import ExperimentConfig, load_config
+from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.models.embeddings import materialize
@@ -46,6 +46,11 @@ def funnel_batch(esmm_cfg) -> Batch:  # noqa: ANN001
     batch = next(iter(ds.batches()))
     assert 0 < batch.labels["watch"].sum() < 64 and batch.labels["like"].sum() > 0
     return batch
+
+
+def retyped(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` after a test edited its `model.params` mapping: validated and typed again, as loading does."""
+    return from_dict(ExperimentConfig, to_dict(cfg))
 
 
 def _model(cfg):  # noqa: ANN001, ANN202
@@ -83,6 +88,7 @@ def test_cvr_tower_learns_from_unwatched_rows_only_in_esmm(esmm_cfg, funnel_batc
     naive = copy.deepcopy(esmm_cfg)
     naive.model.params["variant"] = "naive"
     naive.train.loss_weights = {"like": 0.0}
+    naive = retyped(naive)
     assert cvr_grad(naive, {"like": 0.0}) == 0.0
 
 
@@ -90,7 +96,7 @@ def test_naive_variant_trains_cvr_on_watched_rows(esmm_cfg, funnel_batch: Batch)
     naive = copy.deepcopy(esmm_cfg)
     naive.model.params["variant"] = "naive"
     naive.train.loss_weights = {"like": 0.0}
-    model = _model(naive)
+    model = _model(retyped(naive))
     assert model.over.needs_batch
     out = model(funnel_batch)
     y = funnel_batch.labels
@@ -107,12 +113,12 @@ def test_config_errors(esmm_cfg) -> None:  # noqa: ANN001
     naive = copy.deepcopy(esmm_cfg)
     naive.model.params["variant"] = "naive"
     with pytest.raises(ConfigError, match=r"train\.loss_weights\.like: must be 0 for variant 'naive'"):
-        build_model(naive)
+        build_model(retyped(naive))
     bad = copy.deepcopy(esmm_cfg)
     bad.model.params["ctr_task"] = "click"
     with pytest.raises(ConfigError, match=r"model\.params\.ctr_task: 'click' is not a task"):
-        build_model(bad)
+        build_model(retyped(bad))
     bad = copy.deepcopy(esmm_cfg)
     bad.model.params["cvr_output"] = "watch"
     with pytest.raises(ConfigError, match=r"cvr_output: 'watch' collides"):
-        build_model(bad)
+        build_model(retyped(bad))

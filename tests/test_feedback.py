@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
 from tests.helpers import ROOT
-from trec_rank.config.experiment import load_config
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.experiment import ExperimentConfig, load_config
+from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.models.embeddings import materialize
@@ -140,6 +140,11 @@ def test_table_grad_scale_scales_only_the_aux_gradient_reaching_the_embeddings()
         torch.testing.assert_close(grads[scale][2], grads[1.0][2])  # the user tower: full gradient
 
 
+def retyped(cfg: ExperimentConfig) -> ExperimentConfig:
+    """`cfg` after a test edited its `model.params` mapping: validated and typed again, as loading does."""
+    return from_dict(ExperimentConfig, to_dict(cfg))
+
+
 @pytest.fixture(scope="module")
 def cfg_and_batch(ml100k_dir: Path):  # noqa: ANN201
     cfg = load_config(ROOT / "configs/ml100k_din_feedback.yaml", [
@@ -155,7 +160,7 @@ def test_switch_adds_feature_and_aux_loss_only_when_on(cfg_and_batch: tuple) -> 
     on = materialize(build_model(cfg), CPU)
     off_cfg = copy.deepcopy(cfg)
     off_cfg.model.params["encoder"]["feedback"]["enabled"] = False
-    off = materialize(build_model(off_cfg), CPU)
+    off = materialize(build_model(retyped(off_cfg)), CPU)
     assert on.over.encoder.out_dim == off.over.encoder.out_dim + 1
     assert off.over.encoder.feedback is None and not off.over.needs_batch
     out_on, out_off = on.train()(batch), off.train()(batch)
@@ -175,8 +180,8 @@ def test_enabled_feedback_needs_its_features(cfg_and_batch: tuple) -> None:
     bad = copy.deepcopy(cfg)
     bad.model.params["encoder"]["feedback"]["positive"] = "user_id"
     with pytest.raises(ConfigError, match=r"feedback\.positive: 'user_id' must be looked up"):
-        build_model(bad)
+        build_model(retyped(bad))
     bad = copy.deepcopy(cfg)
     bad.model.params["encoder"]["feedback"]["target"] = ""
     with pytest.raises(ConfigError, match=r"feedback\.target: required"):
-        build_model(bad)
+        build_model(retyped(bad))

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.csv as pv
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
+from trec_rank.config.experiment import read_config
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import from_dict
 from trec_rank.data.prepare.adult import prepare_adult
@@ -63,7 +63,7 @@ def test_no_leak_columns_and_train_standardized(parts: dict) -> None:
 
 
 def test_config_loads_and_ids_fit(parts: dict) -> None:
-    raw = yaml.safe_load((ROOT / "configs" / "adult_base.yaml").read_text())
+    raw = read_config(ROOT / "configs" / "adult_base.yaml")
     assert raw["data"]["path"] == "data/adult/adult"
     schema = from_dict(Schema, raw["schema"])
     assert {f.name for f in schema.labels} == {"income", "never_married"}

@@ -10,8 +10,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
+from trec_rank.config.experiment import read_config
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import from_dict
 from trec_rank.data.prepare.common import fetch_wheel_file, print_summary
@@ -105,7 +105,7 @@ def test_history_matches_a_row_by_row_reference(ranking: dict, ml100k_dir: Path)
 
 
 def test_ids_fit_the_ml100k_config(ranking: dict) -> None:
-    schema = from_dict(Schema, yaml.safe_load((ROOT / "configs" / "ml100k_base.yaml").read_text())["schema"])
+    schema = from_dict(Schema, read_config(ROOT / "configs" / "ml100k_base.yaml")["schema"])
     for t in ranking.values():
         for f in schema.features:
             if f.kind in ("sparse", "sequence"):

@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 from tests.helpers import ROOT, run_cli
+from trec_rank.config.experiment import read_config
 
 PACKAGE = ROOT / "trec_rank"
 PICKLE_MODULES = {"pickle", "_pickle", "cPickle", "cloudpickle", "dill", "marshal", "shelve", "joblib"}
@@ -77,7 +78,7 @@ class Payload:
 
 def small_config(tmp: Path, data: Path) -> Path:
     """The base config on `data`, a 3-step run evaluated on valid only."""
-    cfg = yaml.safe_load((ROOT / "configs" / "ml100k_base.yaml").read_text())
+    cfg = read_config(ROOT / "configs" / "ml100k_base.yaml")  # schema file inlined: the copy is written elsewhere
     cfg["data"].update(path=str(data), eval_splits=["valid"])
     cfg["train"].update(epochs=1, max_steps=3)
     path = tmp / "small.yaml"

@@ -9,12 +9,13 @@ import pytest
 import torch
 
 from tests.helpers import ROOT
-from trec_rank.config.experiment import load_config
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.experiment import ExperimentConfig, load_config
+from trec_rank.config.models import CGCParams, MoEParams, PLEParams, SharedBottomParams, parse_params
+from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.models.embeddings import materialize
-from trec_rank.models.registry import build_model, check_params
-from trec_rank.models.towers import CGCParams, MoEParams, PLEParams, SharedBottomParams, build_network
+from trec_rank.models.registry import build_model
+from trec_rank.models.towers import build_network
 
 TASKS = ["a", "b", "c"]
 
@@ -105,9 +106,9 @@ def test_every_tower_model_builds_on_meta_and_scores_both_tasks(config: str, nam
 
 def test_tower_params_reject_keys_of_other_variants() -> None:
     with pytest.raises(ConfigError, match="unknown config key 'model.params.levels'"):
-        check_params("mmoe", {"levels": 2})
+        parse_params("mmoe", {"levels": 2})
     with pytest.raises(ConfigError, match="shared_experts >= 1"):
-        check_params("cgc", {"shared_experts": 0})
+        parse_params("cgc", {"shared_experts": 0})
 
 
 def test_towers_run_over_the_din_encoder(ml100k_dir: Path) -> None:
@@ -116,7 +117,7 @@ def test_towers_run_over_the_din_encoder(ml100k_dir: Path) -> None:
     cfg = copy.deepcopy(cfg)
     cfg.model.name = "mmoe"
     cfg.model.params = {"encoder": cfg.model.params["encoder"], "experts": 3, "expert_hidden": [16]}
-    model = materialize(build_model(cfg), torch.device("cpu")).eval()
+    model = materialize(build_model(from_dict(ExperimentConfig, to_dict(cfg))), torch.device("cpu")).eval()
     batch = next(iter(ParquetDataset(cfg.data.split_path("valid"), cfg.schema, 8).batches()))
     out, gates = model.over.forward_gates(model.ebc(batch.sparse), model.ec(batch.sequence), batch.dense, batch)
     assert out["like"].shape == (8,) and gates["like"].shape == (8, 3)

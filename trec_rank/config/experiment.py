@@ -11,13 +11,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trec_rank.config.schema import Schema
-from trec_rank.config.typed import ConfigError, load_file
+from trec_rank.config.models import EsmmParams, parse_params
+from trec_rank.config.schema import Schema, inline_schema
+from trec_rank.config.typed import ConfigError, beside_config, check_min, load_file, read_yaml
 
 
 @dataclass
 class DataConfig:
-    path: str  # dataset root holding one directory per split
+    path: str  # dataset root holding one directory per split; resolved at load (typed.beside_config)
     batch_size: int = 256
     eval_batch_size: int = 1024
     shuffle: bool = True
@@ -31,24 +32,24 @@ class DataConfig:
     group_by: str = ""  # single-id sparse feature whose groups GAUC averages over, e.g. user_id ("": no GAUC)
 
     def post_load(self, key: str) -> None:
-        for name in ("batch_size", "eval_batch_size", "shuffle_buffer"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.num_workers < 0:
-            raise ConfigError(f"{key}.num_workers: must be >= 0")
+        check_min(self, key, 1, "batch_size", "eval_batch_size", "shuffle_buffer")
+        check_min(self, key, 0, "num_workers")
 
-    def split_path(self, split: str, base: Path | None = None) -> Path:
-        root = Path(self.path)
-        if not root.is_absolute() and base is not None and not root.exists():
-            root = base / root
-        return root / split
+    def split_path(self, split: str, base: Path | None = None) -> Path:  # noqa: ARG002
+        """`path` is resolved at load; `base` is ignored and goes once the trainers stop passing it."""
+        return Path(self.path) / split
 
 
 @dataclass
 class ModelConfig:
+    """`params` stays the mapping as written: it is what config.json and the checkpoint fingerprint
+    record, so a params field added later with a default does not refuse existing checkpoints.
+    `typed_params` is that mapping parsed into the model's dataclass, once, at load; code reads it."""
+
     name: str = "base"
     tasks: list[str] = field(default_factory=list)  # default: every label in the schema
-    params: dict[str, Any] = field(default_factory=dict)  # checked against the model's params dataclass
+    params: dict[str, Any] = field(default_factory=dict)
+    typed_params: Any = field(default=None, init=False, repr=False)  # set by ExperimentConfig.post_load
 
 
 @dataclass
@@ -77,10 +78,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def post_load(self, key: str) -> None:
-        if self.epochs < 1:
-            raise ConfigError(f"{key}.epochs: must be >= 1, got {self.epochs}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"{key}.keep_checkpoints: must be >= 1")
+        check_min(self, key, 1, "epochs", "keep_checkpoints")
 
 
 @dataclass
@@ -106,6 +104,7 @@ class ExperimentConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    source: str = field(default="", init=False)  # the YAML file it was loaded from ("" when built in code)
 
     def post_load(self, key: str) -> None:
         labels = [f.name for f in self.schema.labels]
@@ -124,11 +123,25 @@ class ExperimentConfig:
             sparse = [f.name for f in self.schema.of_kind("sparse")]
             if self.data.group_by not in sparse:
                 raise ConfigError(f"data.group_by: '{self.data.group_by}' is not a sparse feature ({sparse})")
-        from trec_rank.models.registry import check_params  # models import config, not the reverse
+        self.model.typed_params = parse_params(self.model.name, self.model.params)  # also when `model:` is absent
+        if isinstance(self.model.typed_params, EsmmParams):  # ESMM's outputs are tied to two tasks
+            self.model.typed_params.check_tasks(self.model.tasks, self.train.loss_weights)
 
-        check_params(self.model.name, self.model.params)
+
+def read_config(path: str | Path) -> dict:
+    """The YAML mapping with its schema file(s) inlined: the form `--set` overrides and validation see."""
+    raw = read_yaml(path)
+    if "schema" in raw:
+        try:
+            raw["schema"] = inline_schema(raw["schema"], Path(path).parent)
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
+    return raw
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
-    """Read YAML, apply `--set key=value` overrides, validate; errors name the file and key."""
-    return load_file(ExperimentConfig, path, overrides)
+    """Read YAML (schema files inlined), apply `--set key=value` overrides, validate, resolve data.path;
+    errors name the file and key."""
+    cfg = load_file(ExperimentConfig, path, overrides, read_config)
+    cfg.data.path = beside_config(cfg.data.path, path)
+    return cfg

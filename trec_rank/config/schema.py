@@ -5,15 +5,19 @@ and the item history share the item table). Routing rule, fixed here so every co
 a table read by any `sequence` feature lives in the EmbeddingCollection (jagged, unpooled), and
 every feature on it - sequence or sparse - travels in the `sequence` KJT; all other sparse
 features travel in the `sparse` KJT and are pooled by the EmbeddingBagCollection.
+
+A config names its schema inline or by file (`inline_schema`): configs over one dataset share
+one file and state only how they differ from it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.typed import ConfigError, check_min, from_dict, read_yaml
 
 FeatureKind = Literal["sparse", "sequence", "dense", "label"]
 # Names become torch module keys and TorchRec feature/table names: no '.', '/', spaces.
@@ -37,10 +41,7 @@ class TableConfig:
 
     def post_load(self, key: str) -> None:
         _check_name(self.name, key)
-        if self.num_embeddings < 1:
-            raise ConfigError(f"{key}.num_embeddings: must be >= 1, got {self.num_embeddings}")
-        if self.embedding_dim < 1:
-            raise ConfigError(f"{key}.embedding_dim: must be >= 1, got {self.embedding_dim}")
+        check_min(self, key, 1, "num_embeddings", "embedding_dim")
 
 
 @dataclass
@@ -78,8 +79,7 @@ class FeatureConfig:
             raise ConfigError(f"{key}.table: a {self.kind} feature has no embedding table")
         if self.kind == "sequence" and self.max_len < 1:
             raise ConfigError(f"{key}.max_len: a sequence feature needs max_len >= 1")
-        if self.max_len < 0:
-            raise ConfigError(f"{key}.max_len: must be >= 0, got {self.max_len}")
+        check_min(self, key, 0, "max_len")
         if self.side and self.kind != "sequence":
             raise ConfigError(f"{key}.side: only sequence features have side columns")
 
@@ -164,3 +164,35 @@ class Schema:
         """Rows to allocate: num_embeddings, plus one shared OOV row if any feature asks for it."""
         extra = any(f.table == name and f.oov == "oov_row" for f in self.features)
         return self.table(name).num_embeddings + int(extra)
+
+
+@dataclass
+class SchemaFile:
+    """`schema: {include: FILE, drop: [...], tables: [...], features: [...]}`: FILE's schema without the
+    dropped features, then the listed tables and features. FILE is relative to the file naming it and
+    may include another; `schema: FILE` is the same with nothing dropped or added."""
+
+    include: str
+    drop: list[str] = field(default_factory=list)
+    tables: list[dict[str, Any]] = field(default_factory=list)
+    features: list[dict[str, Any]] = field(default_factory=list)
+
+
+def inline_schema(raw: Any, base: Path, key: str = "schema") -> Any:
+    """Schema files expanded into the inline mapping {tables, features} that `Schema` reads."""
+    if isinstance(raw, str):
+        raw = {"include": raw}
+    if not isinstance(raw, dict) or "include" not in raw:
+        return raw
+    spec = from_dict(SchemaFile, raw, key)
+    path = base / spec.include
+    if not path.is_file():
+        raise ConfigError(f"{key}.include: schema file not found: {path}")
+    inner = inline_schema(read_yaml(path), path.parent, f"{key}.include ({path})")
+    features = inner.get("features", [])
+    names = [f.get("name") if isinstance(f, dict) else None for f in features]
+    for i, name in enumerate(spec.drop):
+        if name not in names:
+            raise ConfigError(f"{key}.drop[{i}]: '{name}' is not a feature of {path}")
+    return {"tables": [*inner.get("tables", []), *spec.tables],
+            "features": [f for f, n in zip(features, names, strict=True) if n not in spec.drop] + spec.features}

@@ -24,6 +24,13 @@ class ConfigError(ValueError):
     """A user config problem; the message always names the key (and file when known)."""
 
 
+def check_min(obj: Any, key: str, low: float, *names: str) -> None:
+    """Range checks in post_load: the first of `obj`'s fields `names` below `low` raises, naming `<key>.<name>`."""
+    for name in names:
+        if getattr(obj, name) < low:
+            raise ConfigError(f"{key}.{name}: must be >= {low}, got {getattr(obj, name)}")
+
+
 def _check(kind: Any, value: Any, key: str) -> Any:
     origin = get_origin(kind)
     if kind is Any:
@@ -105,8 +112,15 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
 
 
 def to_dict(obj: Any) -> Any:
-    """Plain-data view of a config (for manifests, checkpoints and fingerprints)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+    """Plain-data view of a config (for manifests, checkpoints and fingerprints): what `from_dict`
+    reads back, so fields derived at load (`init=False`: typed params, the source file) are left out."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj) if f.init}
+    if isinstance(obj, list | tuple):
+        return type(obj)(to_dict(v) for v in obj)
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
 
 
 def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
@@ -151,9 +165,19 @@ def read_yaml(path: str | Path) -> dict:
     return data
 
 
-def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = ()) -> T:
-    """Read YAML, apply `--set key=value` overrides, build `cls`; errors name the file and key."""
-    raw = apply_overrides(read_yaml(path), list(overrides))
+def beside_config(path: str, config_file: str | Path) -> str:
+    """A path from a config file: as given when absolute or present (from the working directory), else
+    relative to the config file's directory (made absolute, so no consumer re-roots it): shipped configs
+    run from the repository root and from anywhere else."""
+    if Path(path).is_absolute() or Path(path).exists():
+        return path
+    return str((Path(config_file).parent / path).absolute())
+
+
+def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = (),
+              read: typing.Callable[[Path], dict] = read_yaml) -> T:
+    """`read` the file, apply `--set key=value` overrides, build `cls` (it has a `source`); errors name file and key."""
+    raw = apply_overrides(read(Path(path)), list(overrides))
     try:
         cfg = from_dict(cls, raw)
     except ConfigError as err:

@@ -11,40 +11,13 @@ reaches the MLP, never shifts Dice's batch statistics and gets exactly zero weig
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 from torch import nn
 
-from trec_rank.config.typed import ConfigError
-from trec_rank.models.dice import Activation, make_activation
+from trec_rank.config.encoder import AttentionParams, Interaction
+from trec_rank.models.dice import make_activation
 from trec_rank.models.embeddings import segment_ids
 from trec_rank.models.layers import MLP
-
-Interaction = Literal["query", "key", "diff", "prod", "outer"]
-
-
-@dataclass
-class AttentionParams:
-    """hidden/activation: the activation unit's MLP (paper: 80-40, Dice). interaction: the terms
-    concatenated per behaviour; the default is q, k, q - k, q * k. "outer" adds the outer product
-    q k^T of the paper's figure: flattened (D*D features) with outer_dim 0, or reduced to outer_dim
-    bilinear forms q^T W_r k, i.e. the flattened product through a learned projection."""
-
-    hidden: list[int] = field(default_factory=lambda: [80, 40])
-    activation: Activation = "dice"
-    interaction: list[Interaction] = field(default_factory=lambda: ["query", "key", "diff", "prod"])
-    outer_dim: int = 0
-    attention_norm: Literal["none", "softmax"] = "none"
-
-    def post_load(self, key: str) -> None:
-        if not self.interaction:
-            raise ConfigError(f"{key}.interaction: needs at least one term")
-        if len(set(self.interaction)) != len(self.interaction):
-            raise ConfigError(f"{key}.interaction: repeated term in {self.interaction}")
-        if self.outer_dim < 0:
-            raise ConfigError(f"{key}.outer_dim: must be >= 0, got {self.outer_dim}")
 
 
 def term_dim(params: AttentionParams, term: Interaction, dim: int) -> int:

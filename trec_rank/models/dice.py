@@ -14,13 +14,12 @@ in BatchNorm; tests/test_speed_equivalence.py checks it against autograd over th
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
 
 import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-Activation = Literal["dice", "prelu", "relu"]
+from trec_rank.config.encoder import Activation
 
 
 class _DiceFunction(torch.autograd.Function):

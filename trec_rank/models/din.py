@@ -8,42 +8,29 @@ switched on per config (see configs/ml100k_din.yaml and configs/ml100k_din_feedb
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.models import DinParams
+from trec_rank.config.schema import Schema
 from trec_rank.data.batch import Batch
-from trec_rank.models.dice import Activation, make_activation
-from trec_rank.models.encoder import EncoderParams, FeatureEncoder
+from trec_rank.models.dice import make_activation
+from trec_rank.models.encoder import FeatureEncoder
 from trec_rank.models.layers import MLP
 from trec_rank.models.ranking import AUX_LOSS
-
-
-@dataclass
-class DinParams:
-    encoder: EncoderParams = field(default_factory=EncoderParams)
-    hidden: list[int] = field(default_factory=lambda: [200, 80])
-    activation: Activation = "dice"
-    dropout: float = 0.0
 
 
 class DinOverArch(nn.Module):
     """(pooled, jagged, dense, side[, batch]) -> {task: logit [B]} (+ AUX_LOSS in training)."""
 
-    def __init__(self, cfg: ExperimentConfig, params: DinParams, device: torch.device) -> None:
+    def __init__(self, schema: Schema, tasks: list[str], params: DinParams, device: torch.device) -> None:
         super().__init__()
-        if not params.encoder.attention:
-            raise ConfigError("model.params.encoder.attention: DIN needs at least one (target, history) "
-                              "group")
-        self.encoder = FeatureEncoder(cfg, params.encoder, device)
+        self.encoder = FeatureEncoder(schema, params.encoder, device)
         self.mlp = MLP(self.encoder.out_dim, params.hidden, dropout=params.dropout, device=device,
                        act=make_activation(params.activation, device))
         self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device)
-                                    for t in cfg.model.tasks})
+                                    for t in tasks})
 
     @property
     def needs_batch(self) -> bool:

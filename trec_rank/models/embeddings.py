@@ -62,14 +62,6 @@ def pool(jt: JaggedTensor, mode: str = "mean") -> torch.Tensor:
     return out
 
 
-def to_padded(values: torch.Tensor, lengths: torch.Tensor, max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Jagged [N, D] -> padded [B, max_len, D] (zeros after each row's end) and mask [B, max_len]."""
-    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
-    padded = torch.ops.fbgemm.jagged_to_padded_dense(values, [offsets], [max_len], 0.0)
-    mask = torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
-    return padded, mask
-
-
 def _allocate(module: torch.nn.Module, device: torch.device) -> bool:
     """Give `module`'s own meta parameters (and buffers, zero-filled) real storage; True if any."""
     found = False

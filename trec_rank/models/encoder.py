@@ -15,72 +15,23 @@ Layout of the output (concatenated along dim 1, all [B, *], padded-free):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import partial
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.encoder import AttentionGroup, EncoderParams, FeedbackParams, KeySide
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
 from trec_rank.data.batch import Batch
-from trec_rank.models.attention import AttentionParams, TargetAttention
+from trec_rank.models.attention import TargetAttention
 from trec_rank.models.embeddings import checked_side, pool, pooled_dim, pooled_values
-from trec_rank.models.feedback import ExplicitFeedback, FeedbackParams
-from trec_rank.models.frequency import id_counts, train_split_dir
-from trec_rank.models.hstu import HSTUTargetEncoder, HSTUTokenParams
-from trec_rank.models.regularizer import L2Params, MiniBatchL2
+from trec_rank.models.feedback import ExplicitFeedback
+from trec_rank.models.hstu import HSTUTargetEncoder
+from trec_rank.models.regularizer import MiniBatchL2
 
 KEY = "model.params.encoder"
-
-
-@dataclass
-class FeaturePair:
-    target: str
-    history: str
-
-
-@dataclass
-class KeySide:
-    """A side column of a history (e.g. the behaviour's own rating) as side information of the key:
-    values in [0, num_values) look up a small learned embedding of the key's width that is added to
-    key_j. The query (the candidate) has no such value, so the unit can weigh a liked and a disliked
-    similar behaviour differently, and the pooled output carries what the user thought of them."""
-
-    history: str
-    side: str
-    num_values: int
-
-    def post_load(self, key: str) -> None:
-        if self.num_values < 1:
-            raise ConfigError(f"{key}.num_values: must be >= 1, got {self.num_values}")
-
-
-@dataclass
-class AttentionGroup:
-    """Histories attended together: query = concat(target embs), key_j = concat(history embs at j)
-    (+ the key-side embeddings). The histories must be aligned element by element (e.g.
-    hist_item_id and hist_genre)."""
-
-    pairs: list[FeaturePair]
-    unit: AttentionParams = field(default_factory=AttentionParams)
-    key_sides: list[KeySide] = field(default_factory=list)
-
-    def post_load(self, key: str) -> None:
-        if not self.pairs:
-            raise ConfigError(f"{key}.pairs: needs at least one (target, history) pair")
-
-
-@dataclass
-class EncoderParams:
-    history_pooling: Literal["mean", "sum"] = "mean"
-    attention: list[AttentionGroup] = field(default_factory=list)
-    feedback: FeedbackParams = field(default_factory=FeedbackParams)
-    l2: L2Params = field(default_factory=L2Params)
-    hstu: HSTUTokenParams | None = None  # target-aware HSTU over [history..., target]: one [B, D] part
 
 
 class SideEmbedding(nn.Embedding):
@@ -97,9 +48,8 @@ class Encoded(NamedTuple):
 
 
 class FeatureEncoder(nn.Module):
-    def __init__(self, cfg: ExperimentConfig, params: EncoderParams, device: torch.device) -> None:
+    def __init__(self, schema: Schema, params: EncoderParams, device: torch.device) -> None:
         super().__init__()
-        schema = cfg.schema
         self.pooled_names = [f.name for f in schema.pooled_features]
         self.ec_names = {f.name for f in schema.sequence_features}
         self.dims = {f.name: schema.table(f.table).embedding_dim for f in schema.features if f.table}
@@ -129,7 +79,7 @@ class FeatureEncoder(nn.Module):
             self.out_dim += self.dims[params.hstu.history]
         self.l2 = None
         if params.l2.weight > 0:
-            self.l2 = MiniBatchL2(schema, params.l2, partial(id_counts, schema, train_split_dir(cfg)), f"{KEY}.l2")
+            self.l2 = MiniBatchL2(schema, params.l2, f"{KEY}.l2")
 
     @property
     def needs_batch(self) -> bool:

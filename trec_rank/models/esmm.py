@@ -21,40 +21,19 @@ pCTCVR = pCTR * pCVR is still what gets evaluated on the exposure space.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.models import EsmmParams
+from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
 from trec_rank.data.batch import Batch
-from trec_rank.models.dice import Activation, make_activation
-from trec_rank.models.encoder import EncoderParams, FeatureEncoder
+from trec_rank.models.dice import make_activation
+from trec_rank.models.encoder import FeatureEncoder
 from trec_rank.models.layers import MLP
 from trec_rank.models.ranking import AUX_LOSS
-
-KEY = "model.params"
-
-
-@dataclass
-class EsmmParams:
-    encoder: EncoderParams = field(default_factory=EncoderParams)
-    tower_hidden: list[int] = field(default_factory=lambda: [200, 80])
-    activation: Activation = "relu"
-    dropout: float = 0.0
-    ctr_task: str = "watch"
-    ctcvr_task: str = "like"
-    cvr_output: str = "cvr"
-    variant: Literal["esmm", "naive"] = "esmm"
-
-    def subset_aucs(self) -> list[tuple[str, str, str]]:
-        """(output, label task, given task) for the trainer's subset AUCs: `<cvr_output>/auc` is
-        pCVR against the ctcvr label on clicked rows (ctr label 1), where that label is the conversion."""
-        return [(self.cvr_output, self.ctcvr_task, self.ctr_task)]
 
 
 def ctcvr_logit(ctr_logit: torch.Tensor, cvr_logit: torch.Tensor) -> torch.Tensor:
@@ -75,27 +54,14 @@ class EsmmOverArch(nn.Module):
     """(pooled, jagged, dense, side[, batch]) -> {ctr_task: a, ctcvr_task: logit(pCTR pCVR),
     "ctcvr": the same, cvr_output: b} (+ AUX_LOSS in training), all logits [B]."""
 
-    def __init__(self, cfg: ExperimentConfig, params: EsmmParams, device: torch.device) -> None:
+    def __init__(self, schema: Schema, tasks: list[str], params: EsmmParams, device: torch.device) -> None:
+        """`params` were checked against `tasks` at load (EsmmParams.check_tasks)."""
         super().__init__()
-        tasks = cfg.model.tasks
-        for name in ("ctr_task", "ctcvr_task"):
-            if getattr(params, name) not in tasks:
-                raise ConfigError(f"{KEY}.{name}: '{getattr(params, name)}' is not a task of the model "
-                                  f"({tasks})")
-        if params.ctr_task == params.ctcvr_task:
-            raise ConfigError(f"{KEY}.ctcvr_task: must differ from ctr_task '{params.ctr_task}'")
-        if sorted(tasks) != sorted([params.ctr_task, params.ctcvr_task]):
-            raise ConfigError(f"model.tasks: ESMM predicts exactly [{params.ctr_task}, {params.ctcvr_task}], "
-                              f"got {tasks}")
-        if params.cvr_output in (*tasks, AUX_LOSS):
-            raise ConfigError(f"{KEY}.cvr_output: '{params.cvr_output}' collides with a task or the "
-                              "aux-loss key")
-        if params.variant == "naive" and cfg.train.loss_weights.get(params.ctcvr_task, 1.0) != 0.0:
-            raise ConfigError(f"train.loss_weights.{params.ctcvr_task}: must be 0 for variant 'naive' "
-                              "(its CVR tower learns from watched rows only, not from the pCTCVR loss)")
+        if params.cvr_output == AUX_LOSS:
+            raise ConfigError(f"model.params.cvr_output: '{AUX_LOSS}' is the aux-loss key")
         self.params = params
         act = make_activation(params.activation, device)
-        self.encoder = FeatureEncoder(cfg, params.encoder, device)
+        self.encoder = FeatureEncoder(schema, params.encoder, device)
         self.ctr = MLP(self.encoder.out_dim, params.tower_hidden, params.dropout, device, act)
         self.cvr = MLP(self.encoder.out_dim, params.tower_hidden, params.dropout, device, act)
         self.ctr_head = nn.Linear(self.ctr.out_dim, 1, device=device)

@@ -22,53 +22,14 @@ full aux gradient, and the ranking loss's gradient through s(u, target) is never
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.encoder import FeedbackParams
 from trec_rank.models.embeddings import pool, segment_ids
 from trec_rank.models.layers import MLP
-
-
-@dataclass
-class FeedbackParams:
-    """Switch `enabled` off for the ablation. Feature names refer to the schema: `user` features
-    (any sparse ones), `history` (all behaviours, mean pooled into u; empty: u from the user
-    features only), `positive`/`negative` sequences and the `target` item, which must share the
-    positive/negative table's embedding width."""
-
-    enabled: bool = False
-    user: list[str] = field(default_factory=list)
-    history: str = ""
-    positive: str = ""
-    negative: str = ""
-    target: str = ""
-    hidden: list[int] = field(default_factory=lambda: [64])
-    similarity: Literal["cosine", "dot"] = "cosine"
-    pooling: Literal["mean", "items"] = "mean"
-    tau: float = 0.5
-    weight: float = 0.1
-    table_grad_scale: float = 1.0
-
-    def post_load(self, key: str) -> None:
-        if not self.enabled:
-            return
-        for name in ("positive", "negative", "target"):
-            if not getattr(self, name):
-                raise ConfigError(f"{key}.{name}: required when feedback is enabled")
-        if not self.user and not self.history:
-            raise ConfigError(f"{key}.user: u needs user features or a history")
-        if self.tau <= 0:
-            raise ConfigError(f"{key}.tau: must be > 0, got {self.tau}")
-        if self.weight < 0:
-            raise ConfigError(f"{key}.weight: must be >= 0, got {self.weight}")
-        if not 0.0 <= self.table_grad_scale <= 1.0:
-            raise ConfigError(f"{key}.table_grad_scale: must be in [0, 1], got {self.table_grad_scale}")
 
 
 def similarity(u: torch.Tensor, x: torch.Tensor, kind: str) -> torch.Tensor:

@@ -6,18 +6,17 @@ re-exported here, so `trec_rank.models.hstu` stays the one import for everything
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
+from trec_rank.config.encoder import HSTUConfig, HSTUTokenParams
+from trec_rank.config.models import HSTUParams
+from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
 from trec_rank.models.embeddings import checked_side, pool, pooled_dim
 from trec_rank.models.hstu_encoder import (
-    HSTUConfig,
     HSTUEncoder,
     HSTULayer,
     RelativeBias,
@@ -31,33 +30,6 @@ from trec_rank.models.layers import MLP
 __all__ = ["HSTUConfig", "HSTUEncoder", "HSTULayer", "HSTUOverArch", "HSTUParams", "HSTUTargetEncoder",
            "HSTUTokenParams", "RelativeBias", "SequenceInput", "jagged_positions", "pad_ints", "pointwise_attention",
            "time_buckets"]
-
-
-@dataclass
-class HSTUTokenParams:
-    """What the target-aware encoder reads: history tokens (item + action embedding), then the target.
-
-    `history` is a sequence feature and `target` a single-id feature on the same table (both in
-    the EmbeddingCollection); `action_side`/`time_side` name side columns of `history` ('' = none).
-    Action ids are side values in [0, num_actions); 0 is reserved for the target (action unknown).
-    Shared by the `hstu` over-arch and the feature encoder's `hstu:` option (any tower stack).
-    """
-
-    encoder: HSTUConfig = field(default_factory=HSTUConfig)
-    history: str = "hist_item_id"
-    target: str = "item_id"
-    action_side: str = "rating"
-    time_side: str = "timestamp"
-    num_actions: int = 6
-
-
-@dataclass
-class HSTUParams(HSTUTokenParams):
-    """The `hstu` ranking over-arch: the token params plus its own MLP."""
-
-    hidden: list[int] = field(default_factory=lambda: [128, 64])
-    dropout: float = 0.0
-    history_pooling: Literal["mean", "sum"] = "mean"  # for the other EmbeddingCollection features
 
 
 class HSTUTargetEncoder(nn.Module):
@@ -133,9 +105,8 @@ class HSTUTargetEncoder(nn.Module):
 class HSTUOverArch(nn.Module):
     """Ranking over-arch: HSTUTargetEncoder output (+ pooled features, dense) -> MLP -> one head per task."""
 
-    def __init__(self, cfg, params: HSTUParams, device: torch.device) -> None:  # noqa: ANN001 - ExperimentConfig
+    def __init__(self, schema: Schema, tasks: list[str], params: HSTUParams, device: torch.device) -> None:
         super().__init__()
-        schema = cfg.schema
         self.p = params
         self.target_encoder = HSTUTargetEncoder.from_schema(schema, params, device)
         dim = schema.table(schema.feature(params.history).table).embedding_dim
@@ -145,7 +116,7 @@ class HSTUOverArch(nn.Module):
         width += sum(schema.table(schema.feature(n).table).embedding_dim for n, _ in self.others)
         self.mlp = MLP(width, params.hidden, dropout=params.dropout, device=device)
         self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device)
-                                    for t in cfg.model.tasks})
+                                    for t in tasks})
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 dense: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -19,35 +19,13 @@ retrieval time, generative-recommenders#348).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trec_rank.config.typed import ConfigError
+from trec_rank.config.encoder import HSTUConfig
 from trec_rank.models.hstu_jagged import Group, JaggedLayout, plan, table_gather
-
-
-@dataclass
-class HSTUConfig:
-    """Encoder hyperparameters (defaults: the reference ML-1M HSTU except dqk = dv = 64)."""
-
-    num_blocks: int = 2
-    num_heads: int = 1
-    dqk: int = 64  # per-head query/key width
-    dv: int = 64  # per-head value width
-    input_dropout: float = 0.2  # on item embedding * sqrt(D) + position embedding
-    linear_dropout: float = 0.2  # on u * LayerNorm(A v), before the output projection
-    num_time_buckets: int = 128
-
-    def post_load(self, key: str) -> None:
-        for name in ("num_blocks", "num_heads", "dqk", "dv", "num_time_buckets"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
-        for name in ("input_dropout", "linear_dropout"):
-            if not 0.0 <= getattr(self, name) < 1.0:
-                raise ConfigError(f"{key}.{name}: must be in [0, 1), got {getattr(self, name)}")
 
 
 def jagged_positions(offsets: torch.Tensor, total: int) -> torch.Tensor:

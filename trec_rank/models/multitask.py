@@ -10,23 +10,24 @@ import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
-from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.models import TowerParams
+from trec_rank.config.schema import Schema
 from trec_rank.data.batch import Batch
 from trec_rank.models.dice import make_activation
 from trec_rank.models.encoder import FeatureEncoder
 from trec_rank.models.layers import MLP
 from trec_rank.models.ranking import AUX_LOSS
-from trec_rank.models.towers import Gates, TowerParams, build_network
+from trec_rank.models.towers import Gates, build_network
 
 
 class MultiTaskOverArch(nn.Module):
     """(pooled, jagged, dense, side[, batch]) -> {task: logit [B]} (+ AUX_LOSS in training)."""
 
-    def __init__(self, cfg: ExperimentConfig, params: TowerParams, device: torch.device, kind: str) -> None:
+    def __init__(self, schema: Schema, tasks: list[str], params: TowerParams, device: torch.device,
+                 kind: str) -> None:
         super().__init__()
-        tasks = cfg.model.tasks
         act = make_activation(params.activation, device)
-        self.encoder = FeatureEncoder(cfg, params.encoder, device)
+        self.encoder = FeatureEncoder(schema, params.encoder, device)
         self.net = build_network(kind, self.encoder.out_dim, tasks, params, act, device)
         self.towers = nn.ModuleDict(
             {t: MLP(self.net.out_dim, params.tower_hidden, params.dropout, device, act) for t in tasks})
@@ -50,9 +51,3 @@ class MultiTaskOverArch(nn.Module):
                 side: dict[str, torch.Tensor], batch: Batch | None = None) -> dict[str, torch.Tensor]:
         return self.forward_gates(pooled, jagged, dense, batch)[0]
 
-
-def builder(kind: str):  # noqa: ANN201 - registry over-arch builder (cfg, params, device) -> module
-    def build(cfg: ExperimentConfig, params: TowerParams, device: torch.device) -> MultiTaskOverArch:
-        return MultiTaskOverArch(cfg, params, device, kind)
-
-    return build

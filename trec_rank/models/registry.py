@@ -1,52 +1,49 @@
-"""Model registry: a name -> (params dataclass, builder) table. Adding a model = one line here."""
+"""Model registry: name -> over-arch builder (adding a model = its params in config/models.py and one
+line in each table). Over-arches receive what they read - schema, tasks, typed params - not the experiment."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from functools import partial
 
+import numpy as np
 import torch
 from torch import nn
 
-from trec_rank.config.typed import ConfigError, from_dict
+from trec_rank.config.encoder import EncoderParams
+from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.models import BaseParams, DinParams
+from trec_rank.config.schema import Schema
+from trec_rank.models import din, esmm, hstu
+from trec_rank.models.embeddings import build_ebc, build_ec
+from trec_rank.models.multitask import MultiTaskOverArch
+from trec_rank.models.ranking import RankingModel
+from trec_rank.models.regularizer import MiniBatchL2
 
 
-@dataclass(frozen=True)
-class ModelSpec:
-    params: type
-    over_arch: Callable[..., nn.Module]  # (cfg, params, device) -> over-arch module
+def base_over_arch(schema: Schema, tasks: list[str], params: BaseParams, device: torch.device) -> nn.Module:
+    """The base model is DIN's over-arch with a bare encoder (every feature pooled) and a ReLU MLP."""
+    encoder = EncoderParams(history_pooling=params.history_pooling)
+    return din.DinOverArch(schema, tasks, DinParams(encoder, params.hidden, "relu", params.dropout), device)
 
 
-def _specs() -> dict[str, ModelSpec]:
-    from trec_rank.models import base, din, esmm, hstu, multitask, towers
-
-    return {
-        "base": ModelSpec(base.BaseParams, base.BaseOverArch),
-        "din": ModelSpec(din.DinParams, din.DinOverArch),
-        "shared_bottom": ModelSpec(towers.SharedBottomParams, multitask.builder("shared_bottom")),
-        "moe": ModelSpec(towers.MoEParams, multitask.builder("moe")),
-        "mmoe": ModelSpec(towers.MoEParams, multitask.builder("mmoe")),
-        "cgc": ModelSpec(towers.CGCParams, multitask.builder("cgc")),
-        "ple": ModelSpec(towers.PLEParams, multitask.builder("ple")),
-        "esmm": ModelSpec(esmm.EsmmParams, esmm.EsmmOverArch),
-        "hstu": ModelSpec(hstu.HSTUParams, hstu.HSTUOverArch),  # HSTU as a ranking over-arch (hstu.py)
-    }
+OVER_ARCHES: dict[str, Callable[..., nn.Module]] = {  # (schema, tasks, params, device) -> over-arch module
+    "base": base_over_arch, "din": din.DinOverArch, "esmm": esmm.EsmmOverArch,
+    **{kind: partial(MultiTaskOverArch, kind=kind) for kind in ("shared_bottom", "moe", "mmoe", "cgc", "ple")},
+    "hstu": hstu.HSTUOverArch,  # HSTU as a ranking over-arch (hstu.py)
+}
 
 
-def check_params(name: str, params: dict[str, Any]) -> Any:
-    specs = _specs()
-    if name not in specs:
-        raise ConfigError(f"model.name: unknown model '{name}' (known: {', '.join(sorted(specs))})")
-    return from_dict(specs[name].params, params, "model.params")
+def build_model(cfg: ExperimentConfig, device: torch.device | None = None,
+                id_counts: dict[str, np.ndarray] | None = None) -> nn.Module:
+    """The serving model (batch -> logits by task), built on `device` (meta: shard with DMP later).
 
-
-def build_model(cfg, device: torch.device | None = None) -> nn.Module:  # noqa: ANN001
-    """The serving model (batch -> logits by task), built on `device` (meta: shard with DMP later)."""
-    from trec_rank.models.embeddings import build_ebc, build_ec
-    from trec_rank.models.ranking import RankingModel
-
+    `id_counts` (table -> training-split id counts, `trec_rank.data.frequency.train_id_counts`) feed
+    DIN's mini-batch-aware L2; only training with it on needs them."""
     device = device if device is not None else torch.device("meta")
-    params = check_params(cfg.model.name, cfg.model.params)
-    over = _specs()[cfg.model.name].over_arch(cfg, params, device)
-    return RankingModel(build_ebc(cfg.schema, device), build_ec(cfg.schema, device), over)
+    over = OVER_ARCHES[cfg.model.name](cfg.schema, cfg.model.tasks, cfg.model.typed_params, device)
+    model = RankingModel(build_ebc(cfg.schema, device), build_ec(cfg.schema, device), over)
+    for module in model.modules():
+        if isinstance(module, MiniBatchL2):
+            module.counts = id_counts
+    return model

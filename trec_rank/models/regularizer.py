@@ -19,61 +19,42 @@ Zero-weight rows (lockstep padding) add nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
-
 import numpy as np
 import torch
 from torch import nn
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedTensor
 
+from trec_rank.config.encoder import L2Params
 from trec_rank.config.schema import Schema
-from trec_rank.config.typed import ConfigError
 from trec_rank.data.batch import Batch
 from trec_rank.models.embeddings import segment_ids
-
-
-@dataclass
-class L2Params:
-    """weight: lambda (0 switches the regulariser off); tables: which tables (empty: every table)."""
-
-    weight: float = 0.0
-    tables: list[str] = field(default_factory=list)
-
-    def post_load(self, key: str) -> None:
-        if self.weight < 0:
-            raise ConfigError(f"{key}.weight: must be >= 0, got {self.weight}")
 
 
 class MiniBatchL2(nn.Module):
     """(pooled, jagged, batch) -> scalar lambda * sum_j ||w_j||^2 / n_j over the batch's unique ids.
 
-    `counts(tables)` returns table -> int counts [table_rows]; it is called on first use, so
-    building the model (on meta, for planning or scoring) never scans the training data. The
-    inverse frequencies are kept as plain tensors on the device of the first batch, not as
-    buffers: DMP would zero-fill a meta buffer, and they are data, not learned state.
+    The counts n_j (table -> int counts [table_rows], `trec_rank.data.frequency`) are data I/O, so
+    the model never reads them itself: the trainer counts and hands them in (`counts`, set by
+    `registry.build_model(..., id_counts=)`); a model built for planning, eval or scoring has none
+    and never needs them. The inverse frequencies are kept as plain tensors on the device of the
+    first batch, not as buffers: DMP would zero-fill a meta buffer, and they are data, not learned state.
     """
 
-    def __init__(self, schema: Schema, params: L2Params, counts: Callable[[list[str]], dict[str, np.ndarray]],
-                 key: str = "model.params.encoder.l2") -> None:
+    def __init__(self, schema: Schema, params: L2Params, key: str = "model.params.encoder.l2") -> None:
         super().__init__()
-        known = [t.name for t in schema.tables]
-        for i, t in enumerate(params.tables):
-            if t not in known:
-                raise ConfigError(f"{key}.tables[{i}]: unknown table '{t}' (tables: {', '.join(known)})")
-        tables = params.tables or known
+        self.tables = params.counted_tables(schema, key)
         seq = {f.name for f in schema.sequence_features}
         self.features = [(f.name, f.table, f.name in seq) for f in schema.features
-                         if f.kind in ("sparse", "sequence") and f.table in tables]
-        self.tables = sorted({t for _, t, _ in self.features})
+                         if f.kind in ("sparse", "sequence") and f.table in self.tables]
         self.weight = params.weight
-        self._counts = counts
+        self.counts: dict[str, np.ndarray] | None = None
         self._inv_freq: dict[str, torch.Tensor] = {}
 
     def inverse_frequency(self, table: str, device: torch.device) -> torch.Tensor:
         """1 / n_j as float32 [table_rows]; ids never seen in training get n_j = 1."""
         if not self._inv_freq or next(iter(self._inv_freq.values())).device != device:
-            counts = self._counts(self.tables)
+            assert self.counts is not None, "training with the L2 needs build_model(..., id_counts=...)"
+            counts = self.counts
             self._inv_freq = {t: 1.0 / torch.from_numpy(np.maximum(counts[t], 1)).to(device, torch.float32)
                               for t in self.tables}
         return self._inv_freq[table]

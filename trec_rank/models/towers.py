@@ -15,66 +15,14 @@ Gate weights are softmax outputs (each sums to one); `forward_gates` exposes the
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from trec_rank.config.typed import ConfigError
-from trec_rank.models.dice import Activation
-from trec_rank.models.encoder import EncoderParams
+from trec_rank.config.models import CGCParams, MoEParams, SharedBottomParams, TowerParams
 from trec_rank.models.layers import MLP
 
 Gates = dict[str, torch.Tensor]  # gate name -> [B, experts it mixes]
-
-
-@dataclass
-class TowerParams:
-    """encoder: features (and DIN attention / feedback / L2); tower_hidden: per-task tower MLP."""
-
-    encoder: EncoderParams = field(default_factory=EncoderParams)
-    tower_hidden: list[int] = field(default_factory=lambda: [32])
-    activation: Activation = "relu"
-    dropout: float = 0.0
-
-
-@dataclass
-class SharedBottomParams(TowerParams):
-    bottom: list[int] = field(default_factory=lambda: [128, 64])
-
-
-@dataclass
-class MoEParams(TowerParams):
-    """Also the MMoE params: same experts, MMoE just gives every task its own gate."""
-
-    experts: int = 4
-    expert_hidden: list[int] = field(default_factory=lambda: [64])
-
-    def post_load(self, key: str) -> None:
-        if self.experts < 1 or not self.expert_hidden:
-            raise ConfigError(f"{key}: needs experts >= 1 and a non-empty expert_hidden")
-
-
-@dataclass
-class CGCParams(TowerParams):
-    shared_experts: int = 2
-    task_experts: int = 2
-    expert_hidden: list[int] = field(default_factory=lambda: [64])
-
-    def post_load(self, key: str) -> None:
-        if self.shared_experts < 1 or self.task_experts < 1 or not self.expert_hidden:
-            raise ConfigError(f"{key}: needs shared_experts >= 1, task_experts >= 1 and a non-empty "
-                              "expert_hidden")
-
-
-@dataclass
-class PLEParams(CGCParams):
-    levels: int = 2
-
-    def post_load(self, key: str) -> None:
-        super().post_load(key)
-        if self.levels < 1:
-            raise ConfigError(f"{key}.levels: must be >= 1, got {self.levels}")
 
 
 Act = Callable[[int], nn.Module]
@@ -201,8 +149,5 @@ def build_network(kind: str, in_dim: int, tasks: list[str], p: TowerParams, act:
         return SharedBottom(in_dim, tasks, p, act, device)
     if kind in ("moe", "mmoe"):
         return MixtureOfExperts(in_dim, tasks, p, act, device, per_task=kind == "mmoe")
-    if kind == "cgc":
-        return ProgressiveLayered(in_dim, tasks, p, act, device, levels=1)
-    if kind == "ple":
-        return ProgressiveLayered(in_dim, tasks, p, act, device, levels=p.levels)
-    raise ValueError(f"unknown tower network '{kind}'")
+    assert kind in ("cgc", "ple"), f"unknown tower network '{kind}'"
+    return ProgressiveLayered(in_dim, tasks, p, act, device, levels=p.levels if kind == "ple" else 1)

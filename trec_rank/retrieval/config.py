@@ -13,10 +13,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from trec_rank.config.encoder import HSTUConfig
 from trec_rank.config.experiment import DataConfig, ExperimentConfig, OptimConfig, ShardingConfig, TableConstraint
 from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
-from trec_rank.config.typed import ConfigError, from_dict, load_file, read_yaml, to_dict
-from trec_rank.models.hstu import HSTUConfig
+from trec_rank.config.typed import ConfigError, beside_config, check_min, from_dict, load_file, read_yaml, to_dict
 from trec_rank.models.sasrec import SASRecConfig
 
 ITEM_TABLE = "item"
@@ -28,7 +28,7 @@ ENCODERS: dict[str, type] = {"hstu": HSTUConfig, "sasrec": SASRecConfig}
 
 @dataclass
 class SequenceData:
-    path: str  # a directory of Parquet files with one row per user (e.g. data/ml-100k/sequences)
+    path: str  # a directory of Parquet files with one row per user (e.g. data/ml-100k/sequences); resolved at load
     items_column: str = "item_ids"  # list<int64>, oldest first
     time_column: str = "timestamps"  # list<int64> seconds, aligned with the items
     max_seq_len: int = 200  # most recent items the encoder sees (the reference's max_sequence_length)
@@ -37,9 +37,7 @@ class SequenceData:
     seed: int = 0
 
     def post_load(self, key: str) -> None:
-        for name in ("max_seq_len", "batch_size", "eval_batch_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
+        check_min(self, key, 1, "max_seq_len", "batch_size", "eval_batch_size")
 
 
 @dataclass
@@ -57,14 +55,18 @@ class ItemTable:
 
 @dataclass
 class EncoderSpec:
+    """`params` as written (what the fingerprint hashes, like the ranking ModelConfig); `typed_params`:
+    them as HSTUConfig / SASRecConfig, parsed once at load."""
+
     name: Literal["hstu", "sasrec"] = "hstu"
-    params: dict[str, Any] = field(default_factory=dict)  # checked against HSTUConfig / SASRecConfig
+    params: dict[str, Any] = field(default_factory=dict)
+    typed_params: HSTUConfig | SASRecConfig = field(default_factory=HSTUConfig, init=False, repr=False)
 
     def post_load(self, key: str) -> None:
-        self.encoder_config(key)
+        self.typed_params = from_dict(ENCODERS[self.name], self.params, f"{key}.params")
 
-    def encoder_config(self, key: str = "model") -> Any:
-        return from_dict(ENCODERS[self.name], self.params, f"{key}.params")
+    def encoder_config(self) -> HSTUConfig | SASRecConfig:
+        return self.typed_params
 
 
 @dataclass
@@ -78,8 +80,7 @@ class LossConfig:
     def post_load(self, key: str) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"{key}.temperature: must be > 0, got {self.temperature}")
-        if self.num_negatives < 1:
-            raise ConfigError(f"{key}.num_negatives: must be >= 1, got {self.num_negatives}")
+        check_min(self, key, 1, "num_negatives")
 
 
 @dataclass
@@ -95,10 +96,8 @@ class RetrievalTrain:
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(dense="adamw", sparse_lr=0.05))
 
     def post_load(self, key: str) -> None:
-        if self.epochs < 1 or self.keep_checkpoints < 1:
-            raise ConfigError(f"{key}: epochs and keep_checkpoints must be >= 1")
-        if self.max_steps < 0 or self.patience < 0 or self.checkpoint_every < 0:
-            raise ConfigError(f"{key}: max_steps, patience and checkpoint_every must be >= 0")
+        check_min(self, key, 1, "epochs", "keep_checkpoints")
+        check_min(self, key, 0, "max_steps", "patience", "checkpoint_every")
         if len(self.adam_betas) != 2:
             raise ConfigError(f"{key}.adam_betas: expected two numbers, got {self.adam_betas}")
 
@@ -127,6 +126,7 @@ class RetrievalConfig:
     train: RetrievalTrain = field(default_factory=RetrievalTrain)
     eval: RetrievalEval = field(default_factory=RetrievalEval)
     sharding: ShardingConfig = field(default_factory=ShardingConfig)
+    source: str = field(default="", init=False)  # the YAML file it was loaded from ("" when built in code)
 
     def post_load(self, key: str) -> None:
         for table, constraint in self.sharding.constraints.items():
@@ -161,8 +161,10 @@ class RetrievalConfig:
 
 
 def load_retrieval_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RetrievalConfig:
-    """Read YAML, apply `--set key=value` overrides, validate; errors name the file and key."""
-    return load_file(RetrievalConfig, path, overrides)
+    """Read YAML, apply `--set key=value` overrides, validate, resolve data.path; errors name the file and key."""
+    cfg = load_file(RetrievalConfig, path, overrides)
+    cfg.data.path = beside_config(cfg.data.path, path)
+    return cfg
 
 
 def is_retrieval_config(path: str | Path) -> bool:

@@ -21,7 +21,6 @@ from torchrec.metrics.metric_module import RecMetricModule, generate_metric_modu
 from torchrec.metrics.metrics_config import MetricsConfig, RecMetricDef, RecMetricEnum, RecTaskInfo
 
 from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.models.registry import check_params
 
 TORCHREC_METRICS = {"auc": (RecMetricEnum.AUC, "window_auc"), "ne": (RecMetricEnum.NE, "lifetime_ne"),
                     "calibration": (RecMetricEnum.CALIBRATION, "lifetime_calibration"),
@@ -77,8 +76,7 @@ class SubsetAUC:
 def subset_aucs(cfg: ExperimentConfig) -> list[SubsetAUC]:
     """The subset AUCs the configured model declares through its params' `subset_aucs()` (ESMM: pCVR
     on clicked rows); an empty list for models that declare none."""
-    params = check_params(cfg.model.name, cfg.model.params)
-    declared = getattr(params, "subset_aucs", None)
+    declared = getattr(cfg.model.typed_params, "subset_aucs", None)
     return [SubsetAUC(*spec) for spec in declared()] if declared is not None else []
 
 

@@ -1,5 +1,7 @@
 """Id frequencies n_j in the training split, per embedding table, for DIN's mini-batch-aware L2.
 
+Counting reads Parquet, so it is the data layer's: the trainer hands `train_id_counts(cfg)` to the model.
+
 n_j counts every occurrence of row j in any column that reads the table (the target item and the
 history lists of the item table alike), after the loader's OOV policy maps raw ids to rows. The
 scan is one pass of pyarrow `value_counts` per column and file; the result is cached as
@@ -20,6 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from trec_rank.config.encoder import EncoderParams
 from trec_rank.config.experiment import ExperimentConfig
 from trec_rank.config.schema import Schema
 from trec_rank.data.convert import apply_oov_policy
@@ -29,10 +32,13 @@ log = logging.getLogger(__name__)
 CACHE_NAME = "_id_counts.json"
 
 
-def train_split_dir(cfg: ExperimentConfig) -> Path:
-    """The train split directory, resolved like the trainer does (relative to the config file)."""
-    base = Path(getattr(cfg, "source", ".")).parent
-    return cfg.data.split_path(cfg.data.train_split, base)
+def train_id_counts(cfg: ExperimentConfig) -> dict[str, np.ndarray] | None:
+    """Counts over the train split of the tables the model's mini-batch-aware L2 reads (None: no L2)."""
+    encoder = getattr(cfg.model.typed_params, "encoder", None)
+    if not isinstance(encoder, EncoderParams) or encoder.l2.weight <= 0:
+        return None
+    tables = encoder.l2.counted_tables(cfg.schema)
+    return id_counts(cfg.schema, cfg.data.split_path(cfg.data.train_split), tables)
 
 
 def _cache_key(schema: Schema, split_dir: Path, files: list[str], tables: list[str]) -> dict:
