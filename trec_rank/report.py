@@ -16,6 +16,10 @@ import argparse
 import json
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from matplotlib.artist import Artist
 
 Curve = dict[int, float]  # step -> value
 
@@ -102,7 +106,7 @@ def plot(series: dict[str, dict[str, Curve]], out: Path) -> int:
         ax.set_xlabel("step", fontsize=8)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3)
-    handles = {}  # one legend entry per run, from whichever panel drew it
+    handles: dict[str, Artist] = {}  # one legend entry per run, from whichever panel drew it
     for ax in fig.axes:
         for h, label in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(label, h)

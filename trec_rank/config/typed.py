@@ -12,11 +12,14 @@ import re
 import types
 import typing
 from pathlib import Path
-from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
-T = TypeVar("T")
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+T = TypeVar("T", bound="DataclassInstance")
 _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 
@@ -63,7 +66,7 @@ def _check(kind: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__} {value!r}")
         kt, vt = get_args(kind) or (Any, Any)
         return {_check(kt, k, f"{key}.{k}"): _check(vt, v, f"{key}.{k}") for k, v in value.items()}
-    if dataclasses.is_dataclass(kind):
+    if isinstance(kind, type) and dataclasses.is_dataclass(kind):  # a hint is a class, never an instance
         return from_dict(kind, value, key)
     if kind is bool:
         if not isinstance(value, bool):
@@ -136,18 +139,19 @@ def apply_overrides(data: dict, overrides: typing.Sequence[str]) -> dict:
         for i, part in enumerate(parts):
             last = i == len(parts) - 1
             where = ".".join(parts[: i + 1])
+            step: str | int = part
             if isinstance(node, list):
                 if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(f"--set {key}: '{where}' is not an index of a list of {len(node)}")
-                part = int(part)
+                step = int(part)
             elif not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: '{'.'.join(parts[:i])}' is not a section")
             if last:
-                node[part] = yaml.safe_load(raw)
+                node[step] = yaml.safe_load(raw)
             else:
-                if isinstance(node, dict) and node.get(part) is None:
-                    node[part] = {}
-                node = node[part]
+                if isinstance(node, dict) and node.get(step) is None:
+                    node[step] = {}
+                node = node[step]
     return data
 
 

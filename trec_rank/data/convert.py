@@ -211,7 +211,9 @@ class _Columns(NamedTuple):
 
 def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool, first_row: int) -> _Columns:
     """`where` names the chunk; row numbers in messages are `first_row` + the row within the chunk."""
-    sparse, sequence, side = [], [], {}
+    sparse: list[tuple[str, _Jagged]] = []
+    sequence: list[tuple[str, _Jagged]] = []
+    side: dict[str, tuple[str, np.ndarray]] = {}
     seq_names = {f.name for f in schema.sequence_features}
     for f in schema.features:
         if f.kind not in ("sparse", "sequence"):

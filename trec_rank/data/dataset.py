@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,9 +196,10 @@ class ParquetDataset:
         n_windows = math.ceil(starts[-1] / self.window)
         windows = list(range(first, n_windows))
         drop = (skip_rows - first * self.window) // self.batch_size
-        stream = _Windows(self, pieces, starts, epoch, windows)
+        windowed = _Windows(self, pieces, starts, epoch, windows)
+        stream: Iterable[list[Batch]] = windowed
         if self.num_workers > 0 and len(windows) > 1:
-            stream = DataLoader(stream, batch_size=None, num_workers=min(self.num_workers, len(windows)),
+            stream = DataLoader(windowed, batch_size=None, num_workers=min(self.num_workers, len(windows)),
                                 collate_fn=_identity, multiprocessing_context="fork")
         for i, window in enumerate(stream):
             yield from (window[drop:] if i == 0 else window)

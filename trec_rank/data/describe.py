@@ -258,7 +258,7 @@ def describe(path: str | Path) -> str:
         out.append(f"    - {_flow({'name': c.table, 'num_embeddings': c.rows, 'embedding_dim': EMBEDDING_DIM})}")
     out.append("  features:")
     for c in used:
-        entry = {"name": _ident(c.name), "kind": c.kind}
+        entry: dict[str, str | int] = {"name": _ident(c.name), "kind": c.kind}
         if c.name != _ident(c.name):
             entry["column"] = _q(c.name)
         if c.kind in ("sparse", "sequence"):

@@ -96,12 +96,14 @@ class TargetAttention(nn.Module):
                 per_key = per_key + part
             elif term == "diff":
                 per_row, per_key = per_row + part, per_key - part
-            elif term == "prod":
-                extra.append((q_seg * keys, part))
-            elif self.bilinear is not None:
-                extra.append((self.bilinear(q_seg, keys), part))
-            else:
-                extra.append(((q_seg.unsqueeze(2) * keys.unsqueeze(1)).flatten(1), part))
+            else:  # prod or outer: per-behaviour terms, q_seg was gathered above
+                assert q_seg is not None
+                if term == "prod":
+                    extra.append((q_seg * keys, part))
+                elif self.bilinear is not None:
+                    extra.append((self.bilinear(q_seg, keys), part))
+                else:
+                    extra.append(((q_seg.unsqueeze(2) * keys.unsqueeze(1)).flatten(1), part))
         h = torch.addmm(first.bias, query, per_row.t()).index_select(0, segments).addmm_(keys, per_key.t())
         for x, part in extra:
             h = h.addmm_(x, part.t())
@@ -112,7 +114,9 @@ class TargetAttention(nn.Module):
         if not self.params.hidden:  # no hidden layer: the score layer is the one over the interaction
             return self._first_layer(self.score, query, keys, segments).squeeze(-1)
         layers = list(self.mlp.net)
-        h = self._first_layer(layers[0], query, keys, segments)
+        first = layers[0]
+        assert isinstance(first, nn.Linear)  # MLP layers start with a Linear
+        h = self._first_layer(first, query, keys, segments)
         for layer in layers[1:]:
             h = layer(h)
         return self.score(h).squeeze(-1)

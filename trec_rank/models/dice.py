@@ -66,6 +66,9 @@ class Dice(nn.Module):
     one statistic per unit, never per sample.
     """
 
+    running_mean: torch.Tensor  # [width] buffer
+    running_var: torch.Tensor  # [width] buffer
+
     def __init__(self, width: int, eps: float = 1e-8, momentum: float = 0.1,
                  device: torch.device | None = None) -> None:
         super().__init__()

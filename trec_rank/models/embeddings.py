@@ -96,8 +96,9 @@ def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
                 for config, module in tables:
                     config.init_fn(module.weight)
     for module in model.modules():
-        if id(module) not in inside and _allocate(module, device) and hasattr(module, "reset_parameters"):
-            module.reset_parameters()
+        reset = getattr(module, "reset_parameters", None)
+        if id(module) not in inside and _allocate(module, device) and reset is not None:
+            reset()
     return model.to(device)
 
 

