@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import Any
 
 SET_HELP = "override a config value, e.g. --set train.epochs=3 (repeatable; value parsed as YAML)"
 
@@ -37,85 +39,108 @@ def _data(args: argparse.Namespace) -> None:
     print_summary(manifest)
 
 
-def _is_retrieval(config: str) -> bool:
-    """Retrieval (HSTU/SASRec next-item) configs say `kind: retrieval` at the top level."""
-    from trec_rank.config.typed import read_yaml
+def load_job(config: str, overrides: list[str]) -> tuple[Any, Any]:
+    """(typed config, ModelSpec) of a ranking or a retrieval (`kind: retrieval` at the top level) config."""
+    from trec_rank.retrieval.config import is_retrieval_config
 
-    return read_yaml(config).get("kind") == "retrieval"
+    if is_retrieval_config(config):
+        from trec_rank.retrieval.config import load_retrieval_config
+        from trec_rank.retrieval.trainer import retrieval_spec
 
-
-def _train(args: argparse.Namespace) -> None:
-    if _is_retrieval(args.config):
-        from trec_rank.retrieval import cli as retrieval
-
-        if args.plan or args.init_from:
-            raise ValueError("--plan and --init-from are not supported for retrieval (kind: retrieval) configs")
-        retrieval.train(args.config, args.set, args.run_dir, args.resume)
-        return
+        cfg = load_retrieval_config(config, overrides)
+        return cfg, retrieval_spec(cfg)
     from trec_rank.config.experiment import load_config
-    from trec_rank.parallel.env import init_distributed, shutdown
-    from trec_rank.train import checkpoint
-    from trec_rank.train.loop import Trainer
+    from trec_rank.runtime.model import ranking_spec
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_config(config, overrides)
+    return cfg, ranking_spec(cfg)
+
+
+def train(config: str, overrides: list[str], run_dir: str, resume: bool = False, init_from: str | None = None,
+          plan_path: str | None = None) -> dict:
+    """Train a ranking or retrieval config; returns (and writes) metrics.json's dict."""
+    from trec_rank.parallel.env import init_distributed, shutdown
+    from trec_rank.runtime import checkpoint
+
+    cfg, spec = load_job(config, overrides)
     env = init_distributed(cfg.sharding.device)
     try:
         plan = None
-        if args.plan:
+        if plan_path:
             from trec_rank.plan.io import load_plan
 
-            plan = load_plan(args.plan, cfg, env.world_size, env.local_world_size, env.device.type)
-        trainer = Trainer(cfg, env, args.run_dir, plan)
-        if args.init_from:
-            trainer.init_from(checkpoint.resolve(args.init_from))
-        if args.resume:
-            found = checkpoint.complete_checkpoints(Path(args.run_dir) / "checkpoints")
+            plan = load_plan(plan_path, spec, env.world_size, env.local_world_size, env.device.type)
+        if getattr(cfg, "kind", None) == "retrieval":
+            from trec_rank.retrieval.trainer import RetrievalTrainer as Trainer
+        else:
+            from trec_rank.train.loop import Trainer
+        trainer = Trainer(cfg, env, run_dir, plan)
+        if init_from:
+            trainer.init_from(checkpoint.resolve(init_from))
+        if resume:
+            found = checkpoint.latest(run_dir)
             if found:
-                trainer.resume(found[-1])
+                trainer.resume(found)
             elif env.is_main:
-                logging.info("--resume: no complete checkpoint in %s, starting fresh", args.run_dir)
-        results = trainer.fit()
-        if env.is_main:
-            _print_metrics(results, Path(args.run_dir) / "metrics.json")
+                logging.getLogger(__name__).info("--resume: no complete checkpoint in %s, starting fresh", run_dir)
+        return trainer.fit()
     finally:
         shutdown()
+
+
+def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | None = None,
+             splits: list[str] | None = None) -> dict:
+    """Eval-split metrics of a checkpoint (a checkpoint dir, or a run dir: its latest); writes metrics.json."""
+    import json
+
+    from trec_rank.parallel.env import init_distributed, shutdown
+    from trec_rank.runtime import checkpoint
+
+    cfg, spec = load_job(config, overrides)
+    ckpt = checkpoint.resolve(ckpt_path)
+    checkpoint.check(ckpt, spec.fingerprint, config)
+    retrieval = getattr(cfg, "kind", None) == "retrieval"
+    if retrieval and splits:
+        raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
+    env = init_distributed(cfg.sharding.device)
+    try:
+        out = Path(run_dir or ckpt)
+        if retrieval:
+            from trec_rank.retrieval.trainer import RetrievalTrainer
+
+            trainer = RetrievalTrainer(cfg, env, out)
+            checkpoint.load(ckpt, trainer.model, None)
+            results = trainer.evaluate()
+        else:
+            from trec_rank.runtime.model import shard_model
+            from trec_rank.train.build import open_split
+            from trec_rank.train.loop import evaluate as evaluate_split
+
+            model = shard_model(spec, env)
+            checkpoint.load(ckpt, model, None)
+            results = {s: evaluate_split(model, open_split(cfg, s, env, train=False), cfg, env)
+                       for s in splits or cfg.data.eval_splits}
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+        return results
+    finally:
+        shutdown()
+
+
+def _train(args: argparse.Namespace) -> None:
+    results = train(args.config, args.set, args.run_dir, args.resume, args.init_from, args.plan)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_metrics(results, Path(args.run_dir) / "metrics.json")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import json
+    splits = args.splits.split(",") if args.splits else None
+    results = evaluate(args.config, args.set, args.checkpoint, args.run_dir, splits)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from trec_rank.runtime.checkpoint import resolve
 
-    if _is_retrieval(args.config):
-        from trec_rank.retrieval import cli as retrieval
-
-        if args.splits:
-            raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
-        retrieval.evaluate(args.config, args.set, args.checkpoint, args.run_dir)
-        return
-
-    from trec_rank.config.experiment import load_config
-    from trec_rank.parallel.env import init_distributed, shutdown
-    from trec_rank.train import checkpoint
-    from trec_rank.train.build import build_train_model, open_split, schema_fingerprint
-    from trec_rank.train.loop import evaluate
-
-    cfg = load_config(args.config, args.set)
-    ckpt = checkpoint.resolve(args.checkpoint)
-    state = checkpoint.read_state(ckpt)
-    if state["fingerprint"] != schema_fingerprint(cfg):
-        raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model than {args.config}")
-    env = init_distributed(cfg.sharding.device)
-    try:
-        model = build_train_model(cfg, env)
-        checkpoint.load(ckpt, model, None)
-        splits = args.splits.split(",") if args.splits else cfg.data.eval_splits
-        results = {s: evaluate(model, open_split(cfg, s, env, train=False), cfg, env) for s in splits}
-        if env.is_main:
-            out = Path(args.run_dir or ckpt) / "metrics.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1, sort_keys=True))
-            _print_metrics(results, out)
-    finally:
-        shutdown()
+        _print_metrics(results, Path(args.run_dir or resolve(args.checkpoint)) / "metrics.json")
 
 
 def _print_metrics(results: dict, path: Path) -> None:
@@ -162,7 +187,7 @@ def parser() -> argparse.ArgumentParser:
     from trec_rank.plan.cli import add_subcommand as add_plan
     from trec_rank.score.cli import add_subcommand as add_score
 
-    add_plan(sub)
+    add_plan(sub, load_job)
     add_score(sub)
     return p
 
@@ -172,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     # fbgemm and torchrec log every table at INFO on the root logger: keep ours at INFO only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trec_rank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from trec_rank.train.loop import NonFiniteLoss
+    from trec_rank.runtime.run import NonFiniteLoss
 
     try:
         args.func(args)

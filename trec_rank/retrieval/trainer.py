@@ -20,29 +20,30 @@ reached and never removed by the rotation, so it can be evaluated or scored afte
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.distributed.types import ShardingPlan
 
+from trec_rank.config.experiment import TableConstraint
+from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
 from trec_rank.config.typed import to_dict
 from trec_rank.parallel.env import DistEnv
-from trec_rank.parallel.sharding import shard, tag_sparse_optimizer
+from trec_rank.parallel.sharding import ShardingInputs
 from trec_rank.retrieval.batch import NegativeSampler, RetrievalBatch, train_batch
-from trec_rank.retrieval.config import RetrievalConfig, RetrievalTrain
+from trec_rank.retrieval.config import ITEM_SHARDING, ITEM_TABLE, RetrievalConfig
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.evaluate import evaluate_split
 from trec_rank.retrieval.model import build_retrieval_model
-from trec_rank.train import checkpoint
+from trec_rank.runtime.model import ModelSpec, build_optimizer, fingerprint, shard_model
+from trec_rank.runtime.run import NonFiniteLoss, Run, all_finite
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("valid", "test")
@@ -58,30 +59,29 @@ def data_path(cfg: RetrievalConfig) -> Path:
     return path
 
 
-def build_sharded_model(cfg: RetrievalConfig, env: DistEnv) -> DistributedModelParallel:
-    torch.manual_seed(cfg.train.seed)  # same dense init on every rank (DDP also broadcasts rank 0's)
-    model = build_retrieval_model(cfg, torch.device("meta"))
-    tag_sparse_optimizer(model, cfg.train.optim, env.device.type)
-    return shard(model, cfg.planning_view(), env.device)
+def retrieval_spec(cfg: RetrievalConfig) -> ModelSpec:
+    """What planning, sharding and checkpoints see of a retrieval model.
 
-
-def build_optimizer(dmp: DistributedModelParallel, tc: RetrievalTrain) -> CombinedOptimizer:
-    """The table's fused optimizer + one for the dense parameters (tables filtered out: no double update)."""
-    o = tc.optim
-
-    def make(params):  # noqa: ANN001, ANN202
-        if o.dense == "sgd":
-            return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-        cls = torch.optim.AdamW if o.dense == "adamw" else torch.optim.Adam
-        return cls(params, lr=o.dense_lr, betas=tuple(tc.adam_betas), eps=o.eps, weight_decay=o.weight_decay)
-
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), make)
-    dense.init_state()  # materialise lazy Adam state so a checkpoint can be loaded into it
-    return CombinedOptimizer([dmp.fused_optimizer, dense])
+    The item table is read by two features: `seq` (each user's tokens, a sequence of up to
+    max_seq_len + 1 ids) and `neg` (the step's sampled candidates), so it lives in an
+    EmbeddingCollection and gets the sequence-table constraints (TW/RW/CW, fused, never DP on CPU).
+    """
+    seq = FeatureConfig("seq", "sequence", table=ITEM_TABLE, max_len=cfg.data.max_seq_len + 1)
+    schema = Schema(tables=[TableConfig(ITEM_TABLE, cfg.item.num_embeddings, cfg.item.embedding_dim)],
+                    features=[seq, FeatureConfig("neg", "sparse", table=ITEM_TABLE)])
+    constraints = dict(cfg.sharding.constraints)
+    constraints.setdefault(ITEM_TABLE, TableConstraint(sharding_types=list(ITEM_SHARDING)))
+    inputs = ShardingInputs(schema, replace(cfg.sharding, constraints=constraints), cfg.data.batch_size)
+    # table shape, encoder and its params, max length
+    blob = {"item": to_dict(cfg.item), "model": to_dict(cfg.model), "max_seq_len": cfg.data.max_seq_len}
+    return ModelSpec(build=lambda: build_retrieval_model(cfg, torch.device("meta")), optim=cfg.train.optim,
+                     inputs=inputs, fingerprint=fingerprint(blob), seed=cfg.train.seed,
+                     adam_betas=tuple(cfg.train.adam_betas))
 
 
 class RetrievalTrainer:
-    def __init__(self, cfg: RetrievalConfig, env: DistEnv, run_dir: str | Path) -> None:
+    def __init__(self, cfg: RetrievalConfig, env: DistEnv, run_dir: str | Path, plan: ShardingPlan | None = None
+                 ) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         d = cfg.data
         seqs = read_sequences(data_path(cfg), d.items_column, d.time_column, cfg.item.num_embeddings)
@@ -92,44 +92,40 @@ class RetrievalTrainer:
                              for s in EVAL_SPLITS}
         self.sampler = NegativeSampler(self.corpus, cfg.loss.num_negatives, cfg.loss.sampler,
                                        cfg.item.num_embeddings, d.seed)
-        self.model = build_sharded_model(cfg, env)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.step, self.epoch, self.batch_in_epoch, self.bad_epochs, self.saved_step = 0, 0, 0, 0, -1
+        spec = retrieval_spec(cfg)
+        self.model = shard_model(spec, env, plan)
+        self.optimizer = build_optimizer(self.model, spec)
+        self.step, self.epoch, self.batch_in_epoch, self.bad_epochs = 0, 0, 0, 0
         self.best: dict = {}  # {"epoch", "step", "valid", "test"} of the best validation so far
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self.run = Run(run_dir, env, spec, to_dict(cfg), getattr(cfg, "source", "the config"))
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
-        return self.save_to(self.run_dir / "checkpoints", self.cfg.train.keep_checkpoints)
+        return self.save_to("checkpoints", self.cfg.train.keep_checkpoints)
 
-    def save_to(self, root: Path, keep: int) -> Path:
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "bad_epochs": self.bad_epochs, "best": self.best, "world_size": self.env.world_size,
-                 "fingerprint": self.cfg.fingerprint(), "kind": "retrieval", "config": to_dict(self.cfg)}
-        self.saved_step = self.step
-        return checkpoint.save(root, self.step, self.model, self.optimizer, state, keep)
+    def save_to(self, root: str, keep: int) -> Path:
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "bad_epochs": self.bad_epochs,
+                 "best": self.best, "kind": "retrieval"}
+        return self.run.save(self.step, self.model, self.optimizer, state, keep, root)
 
     def save_best(self) -> Path:
         """The best validation epoch's checkpoint, outside checkpoints/ so rotation never removes it."""
-        path = self.save_to(self.run_dir / BEST_DIR, keep=1)
-        if self.env.is_main:
-            best = {"epoch": self.best["epoch"], "step": self.best["step"],
-                    "checkpoint": str(path.relative_to(self.run_dir)),
-                    "early_stop_metric": self.cfg.eval.early_stop_metric}
-            (self.run_dir / "best.json").write_text(json.dumps(best, indent=1, sort_keys=True))
+        path = self.save_to(BEST_DIR, keep=1)
+        self.run.write_json("best.json", {"epoch": self.best["epoch"], "step": self.best["step"],
+                                          "checkpoint": str(path.relative_to(self.run_dir)),
+                                          "early_stop_metric": self.cfg.eval.early_stop_metric})
         return path
 
+    def init_from(self, ckpt: Path) -> None:
+        """Warm start: the checkpoint's weights, fresh optimizer state, step 0 (fine-tuning, A/B inits)."""
+        self.run.load(ckpt, self.model, None)
+        log.info("initialised weights from %s", ckpt)
+
     def resume(self, ckpt: Path) -> None:
-        state = checkpoint.read_state(ckpt)
-        if state.get("fingerprint") != self.cfg.fingerprint():
-            raise ValueError(f"{ckpt}: checkpoint was trained with another item table/model "
-                             f"(fingerprint {state.get('fingerprint')} != {self.cfg.fingerprint()})")
-        checkpoint.load(ckpt, self.model, self.optimizer)
+        state = self.run.load(ckpt, self.model, self.optimizer)
         for key in ("step", "epoch", "batch_in_epoch", "bad_epochs", "best"):
             setattr(self, key, state[key])
-        self.saved_step = self.step
+        self.run.saved_step = self.step
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch,
                  self.batch_in_epoch)
 
@@ -153,8 +149,7 @@ class RetrievalTrainer:
             log.info("epoch %d step %d: valid %s=%.4f hr@10=%.4f | test %s=%.4f | best valid %.4f (epoch %d)",
                      self.epoch, self.step, key, valid[key], valid.get("hr@10", math.nan), key, test[key],
                      self.best["valid"][key], self.best["epoch"])
-            with open(self.run_dir / "metrics_history.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": self.epoch, "step": self.step, **results}) + "\n")
+        self.run.append_history({"epoch": self.epoch, "step": self.step, **results})
         return improved
 
     # ---- training ---------------------------------------------------------------------------
@@ -178,16 +173,17 @@ class RetrievalTrainer:
                     return True
                 self.step += 1
                 self.batch_in_epoch += 1
-                value = loss.detach().clone()
-                if dist.is_initialized():
-                    dist.all_reduce(value)
-                if not math.isfinite(float(value)):
-                    raise RuntimeError(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                       f"{self.batch_in_epoch}); last good checkpoint kept in {self.run_dir}")
-                if self.env.is_main and self.step % tc.log_every == 0:
+                if not all_finite(loss):
+                    raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
+                                        f"{self.batch_in_epoch}); last good checkpoint kept in "
+                                        f"{self.run_dir / 'checkpoints'}")
+                if self.step % tc.log_every == 0:
+                    mean = loss.detach().clone()
+                    dist.all_reduce(mean)
                     rate = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
-                    log.info("step %d loss %.4f (%.2f steps/s)", self.step, float(value) / self.env.world_size,
-                             rate)
+                    if self.env.is_main:
+                        log.info("step %d loss %.4f (%.2f steps/s)", self.step, float(mean) / self.env.world_size,
+                                 rate)
                 if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
                     self.save()
             return False
@@ -211,9 +207,8 @@ class RetrievalTrainer:
         if not self.best:  # resumed a finished run: evaluate what the checkpoint holds
             self._track(self.evaluate())
             self.save_best()
-        if self.saved_step != self.step:
+        if self.run.saved_step != self.step:
             self.save()
         results = {"valid": self.best["valid"], "test": self.best["test"]}
-        if self.env.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+        self.run.write_json("metrics.json", results)
         return results

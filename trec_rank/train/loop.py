@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 from collections import deque
 from collections.abc import Iterator
@@ -26,16 +25,13 @@ from trec_rank.config.typed import to_dict
 from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.parallel.env import DistEnv
-from trec_rank.train import checkpoint, faults
-from trec_rank.train.build import build_optimizer, build_train_model, group_ids, open_split, schema_fingerprint
+from trec_rank.runtime import faults
+from trec_rank.runtime.model import build_optimizer, ranking_spec, shard_model
+from trec_rank.runtime.run import NonFiniteLoss, Run, all_finite
+from trec_rank.train.build import group_ids, open_split
 from trec_rank.train.metrics import EvalMetrics, subset_aucs
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped on a NaN/inf loss; the message names the step and the batch rows."""
-
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, env: DistEnv) -> dict[str, float]:
@@ -66,14 +62,6 @@ def average_buffers(model: torch.nn.Module) -> None:
             buf /= world
 
 
-def _all_true(flag: bool, device: torch.device) -> bool:
-    if dist.get_world_size() == 1:  # nothing to agree with: skip the per-step collective
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
-
-
 class _Feed:
     """Training batches, remembering the rows of each batch in flight (NaN reports, row logs).
 
@@ -97,50 +85,36 @@ class _Feed:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, env: DistEnv, run_dir: str | Path, plan=None) -> None:  # noqa: ANN001
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
-        self.model = build_train_model(cfg, env, plan)
-        self.optimizer = build_optimizer(self.model, cfg.train.optim)
+        spec = ranking_spec(cfg)
+        self.model = shard_model(spec, env, plan)
+        self.optimizer = build_optimizer(self.model, spec)
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
-        self.step, self.epoch, self.batch_in_epoch, self.saved_step, self.eval_step = 0, 0, 0, -1, -1
+        self.step, self.epoch, self.batch_in_epoch, self.eval_step = 0, 0, 0, -1
         self.pipeline: TrainPipelineSparseDist | None = None
         self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
         if cfg.train.log_rows:
             (self.run_dir / "rows").mkdir(parents=True, exist_ok=True)
             self.row_log = open(self.run_dir / "rows" / f"rank-{env.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
         self.writer = SummaryWriter(str(self.run_dir / "tb")) if env.is_main else None
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self.run = Run(run_dir, env, spec, to_dict(cfg), getattr(cfg, "source", "the config"))
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
         average_buffers(self.model)
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "world_size": self.env.world_size, "fingerprint": schema_fingerprint(self.cfg),
-                 "tasks": self.cfg.model.tasks, "config": to_dict(self.cfg)}
-        self.saved_step = self.step
-        return checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
-                               self.cfg.train.keep_checkpoints)
-
-    def _check(self, ckpt: Path) -> dict:
-        state = checkpoint.read_state(ckpt)
-        if state["fingerprint"] != schema_fingerprint(self.cfg):
-            raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model "
-                             f"(fingerprint {state['fingerprint']} != {schema_fingerprint(self.cfg)})")
-        return state
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "tasks": self.cfg.model.tasks}
+        return self.run.save(self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
 
     def init_from(self, ckpt: Path) -> None:
         """Warm start: the checkpoint's weights, fresh optimizer state, step 0 (fine-tuning, A/B inits)."""
-        self._check(ckpt)
-        checkpoint.load(ckpt, self.model, None)
+        self.run.load(ckpt, self.model, None)
         log.info("initialised weights from %s", ckpt)
 
     def resume(self, ckpt: Path) -> None:
-        state = self._check(ckpt)
+        state = self.run.load(ckpt, self.model, self.optimizer)
         if state["world_size"] != self.env.world_size and state["batch_in_epoch"]:
             log.warning("resuming mid-epoch on %d ranks from a %d-rank run: the rest of the epoch is re-cut",
                         self.env.world_size, state["world_size"])
-        checkpoint.load(ckpt, self.model, self.optimizer)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
 
@@ -159,8 +133,7 @@ class Trainer:
                     self.writer.add_scalar(f"{split}/{key}", value, self.step)
                 log.info("step %d %s: %s", self.step, split,
                          " ".join(f"{k}={v:.4f}" for k, v in values.items() if k.endswith(("auc", "logloss"))))
-            with open(self.run_dir / "metrics_history.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **results}) + "\n")
+        self.run.append_history({"step": self.step, **results})
         return results
 
     # ---- training ---------------------------------------------------------------------------
@@ -179,7 +152,7 @@ class Trainer:
         for batch in feed:
             batch = batch.to(self.env.device, non_blocking=True)
             loss, _ = self.model(batch)
-            if not _all_true(bool(torch.isfinite(loss)), self.env.device):  # all ranks decide alike
+            if not all_finite(loss):  # all ranks decide alike
                 if self.cfg.train.nan_policy == "skip":
                     log.warning("step %d: non-finite loss, batch skipped", self.step + 1)
                     feed.in_flight.popleft()
@@ -210,7 +183,7 @@ class Trainer:
                 self.step += 1
                 self.batch_in_epoch += 1
                 value = float(loss)
-                if not _all_true(math.isfinite(value), self.env.device):
+                if not all_finite(loss):
                     span = f"{int(rows.min())}..{int(rows.max())}" if rows.numel() else "padding"
                     raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
                                         f"{self.batch_in_epoch}, dataset rows {span} on rank {self.env.rank}); "
@@ -245,13 +218,13 @@ class Trainer:
         bar.close()
         if self.eval_step != self.step:
             results = self.run_eval()
-        if self.saved_step != self.step:
+        if self.run.saved_step != self.step:
             self.save()
+        self.run.write_json("metrics.json", results)
+        steps = self.step - first_step
+        self.run.write_json("throughput.json", {
+            "steps": steps, "train_seconds": train_s, "world_size": self.env.world_size,
+            "samples_per_s": steps * rows_per_step / train_s if train_s > 0 else 0.0}, sort_keys=False)
         if main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-            steps = self.step - first_step
-            speed = {"steps": steps, "train_seconds": train_s, "world_size": self.env.world_size,
-                     "samples_per_s": steps * rows_per_step / train_s if train_s > 0 else 0.0}
-            (self.run_dir / "throughput.json").write_text(json.dumps(speed, indent=1))
             self.writer.close()
         return results

@@ -23,8 +23,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
 
-from trec_rank.train import faults
-from trec_rank.train.safe_dcp import SafeFileSystemReader
+from trec_rank.runtime import faults
+from trec_rank.runtime.safe_dcp import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -55,6 +55,24 @@ def resolve(path: str | Path) -> Path:
 
 def read_state(ckpt: Path) -> dict[str, Any]:
     return json.loads((ckpt / STATE_FILE).read_text())
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """RUN_DIR's newest complete checkpoint (what --resume continues from), None when there is none."""
+    found = complete_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
+def check(ckpt: Path, fingerprint: str, source: str) -> dict[str, Any]:
+    """The checkpoint's trainer state, if its tensors were made for the model `source` builds.
+
+    The one fingerprint check of every job kind (resume, init-from, eval, score): a checkpoint of
+    another schema or model would fail deep inside DCP, or worse, load into a different model."""
+    state = read_state(ckpt)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model than {source} "
+                         f"(fingerprint {state.get('fingerprint')} != {fingerprint})")
+    return state
 
 
 def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
