@@ -57,14 +57,19 @@ def load_job(config: str, overrides: list[str]) -> tuple[Any, Any]:
 
 
 def train(config: str, overrides: list[str], run_dir: str, resume: bool = False, init_from: str | None = None,
-          plan_path: str | None = None) -> dict:
+          plan_path: str | None = None, overwrite: bool = False) -> dict:
     """Train a ranking or retrieval config; returns (and writes) metrics.json's dict."""
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.runtime import checkpoint
+    from trec_rank.runtime.run import StopSignal, claim
 
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --run-dir, --overwrite replaces it: pass one of them")
     cfg, spec = load_job(config, overrides)
     env = init_distributed(cfg.sharding.device)
+    stop = StopSignal()
     try:
+        claim(run_dir, env, resume, overwrite)
         plan = None
         if plan_path:
             from trec_rank.plan.io import load_plan
@@ -76,15 +81,16 @@ def train(config: str, overrides: list[str], run_dir: str, resume: bool = False,
             from trec_rank.train.loop import Trainer
         trainer = Trainer(cfg, env, run_dir, plan)
         if init_from:
-            trainer.init_from(checkpoint.resolve(init_from))
+            trainer.run.load(checkpoint.resolve(init_from), trainer.model, None)
         if resume:
             found = checkpoint.latest(run_dir)
             if found:
                 trainer.resume(found)
             elif env.is_main:
                 logging.getLogger(__name__).info("--resume: no complete checkpoint in %s, starting fresh", run_dir)
-        return trainer.fit()
+        return trainer.fit(stop)
     finally:
+        stop.close()
         shutdown()
 
 
@@ -129,7 +135,7 @@ def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | N
 
 
 def _train(args: argparse.Namespace) -> None:
-    results = train(args.config, args.set, args.run_dir, args.resume, args.init_from, args.plan)
+    results = train(args.config, args.set, args.run_dir, args.resume, args.init_from, args.plan, args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         _print_metrics(results, Path(args.run_dir) / "metrics.json")
 
@@ -169,7 +175,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiment YAML (see configs/)")
     t.add_argument("--run-dir", "--out", dest="run_dir", required=True,
                    help="RUN_DIR: where checkpoints, TensorBoard logs, metrics.json and throughput.json go")
-    t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest complete "
+                   "checkpoint (a RUN_DIR holding a run is refused without --resume or --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run RUN_DIR holds (its checkpoints, "
+                   "metrics, TensorBoard logs) with a new one")
     t.add_argument("--init-from", metavar="CKPT", help="start from these weights (checkpoint or run dir), "
                    "with fresh optimizer state and step 0; --resume wins when RUN_DIR has a checkpoint")
     t.add_argument("--plan", help="sharding plan JSON from `trec-rank plan --out` (default: plan collectively)")
@@ -197,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     # fbgemm and torchrec log every table at INFO on the root logger: keep ours at INFO only.
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("trec_rank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
-    from trec_rank.runtime.run import NonFiniteLoss
+    from trec_rank.runtime.run import Interrupted, NonFiniteLoss
 
     try:
         args.func(args)
@@ -209,6 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
+    except Interrupted as stop:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(stop, file=sys.stderr)
+        return 128 + stop.signum
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

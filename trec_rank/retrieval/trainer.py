@@ -28,7 +28,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.distributed.types import ShardingPlan
 
@@ -42,8 +41,8 @@ from trec_rank.retrieval.config import ITEM_SHARDING, ITEM_TABLE, RetrievalConfi
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.evaluate import evaluate_split
 from trec_rank.retrieval.model import build_retrieval_model
-from trec_rank.runtime.model import ModelSpec, build_optimizer, fingerprint, shard_model
-from trec_rank.runtime.run import NonFiniteLoss, Run, all_finite
+from trec_rank.runtime.model import ModelSpec, build_optimizer, shard_model
+from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("valid", "test")
@@ -72,10 +71,8 @@ def retrieval_spec(cfg: RetrievalConfig) -> ModelSpec:
     constraints = dict(cfg.sharding.constraints)
     constraints.setdefault(ITEM_TABLE, TableConstraint(sharding_types=list(ITEM_SHARDING)))
     inputs = ShardingInputs(schema, replace(cfg.sharding, constraints=constraints), cfg.data.batch_size)
-    # table shape, encoder and its params, max length
-    blob = {"item": to_dict(cfg.item), "model": to_dict(cfg.model), "max_seq_len": cfg.data.max_seq_len}
     return ModelSpec(build=lambda: build_retrieval_model(cfg, torch.device("meta")), optim=cfg.train.optim,
-                     inputs=inputs, fingerprint=fingerprint(blob), seed=cfg.train.seed,
+                     inputs=inputs, fingerprint=cfg.fingerprint(), seed=cfg.train.seed,
                      adam_betas=tuple(cfg.train.adam_betas))
 
 
@@ -95,7 +92,7 @@ class RetrievalTrainer:
         spec = retrieval_spec(cfg)
         self.model = shard_model(spec, env, plan)
         self.optimizer = build_optimizer(self.model, spec)
-        self.step, self.epoch, self.batch_in_epoch, self.bad_epochs = 0, 0, 0, 0
+        self.step, self.epoch, self.batch_in_epoch, self.bad_epochs, self.eval_pending = 0, 0, 0, 0, False
         self.best: dict = {}  # {"epoch", "step", "valid", "test"} of the best validation so far
         self.run = Run(run_dir, env, spec, to_dict(cfg), getattr(cfg, "source", "the config"))
 
@@ -105,7 +102,7 @@ class RetrievalTrainer:
 
     def save_to(self, root: str, keep: int) -> Path:
         state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "bad_epochs": self.bad_epochs,
-                 "best": self.best, "kind": "retrieval"}
+                 "best": self.best, "kind": "retrieval", "eval_pending": self.eval_pending}
         return self.run.save(self.step, self.model, self.optimizer, state, keep, root)
 
     def save_best(self) -> Path:
@@ -116,18 +113,11 @@ class RetrievalTrainer:
                                           "early_stop_metric": self.cfg.eval.early_stop_metric})
         return path
 
-    def init_from(self, ckpt: Path) -> None:
-        """Warm start: the checkpoint's weights, fresh optimizer state, step 0 (fine-tuning, A/B inits)."""
-        self.run.load(ckpt, self.model, None)
-        log.info("initialised weights from %s", ckpt)
-
     def resume(self, ckpt: Path) -> None:
         state = self.run.load(ckpt, self.model, self.optimizer)
         for key in ("step", "epoch", "batch_in_epoch", "bad_epochs", "best"):
             setattr(self, key, state[key])
-        self.run.saved_step = self.step
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch,
-                 self.batch_in_epoch)
+        self.eval_pending = state.get("eval_pending", False)
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -160,31 +150,40 @@ class RetrievalTrainer:
     def _step_limit_hit(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.step
 
-    def _train_epoch(self) -> bool:
+    def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
+        """The one host sync of a logging interval (NaN check, stop request), on every rank alike."""
+        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+        self.run.start()
+        if signum:
+            if self.run.saved_step != self.step:
+                self.save()
+            raise Interrupted(self.step, signum)
+        return mean
+
+    def _train_epoch(self, stop: StopSignal | None) -> bool:
         """Steps until the epoch ends (True) or max_steps is hit (False)."""
         tc, t0, n0 = self.cfg.train, time.perf_counter(), self.step
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device)
-        batches = self._batches()
+        batches, window = self._batches(), StepWindow()
         try:
             while not self._step_limit_hit():
                 try:  # progress() runs forward, backward and both optimizers
                     (loss,) = pipeline.progress(batches)
                 except StopIteration:
+                    pipeline.detach()
+                    self._sync(window, stop)
                     return True
                 self.step += 1
                 self.batch_in_epoch += 1
-                if not all_finite(loss):
-                    raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                        f"{self.batch_in_epoch}); last good checkpoint kept in "
-                                        f"{self.run_dir / 'checkpoints'}")
-                if self.step % tc.log_every == 0:
-                    mean = loss.detach().clone()
-                    dist.all_reduce(mean)
-                    rate = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
-                    if self.env.is_main:
-                        log.info("step %d loss %.4f (%.2f steps/s)", self.step, float(mean) / self.env.world_size,
-                                 rate)
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                window.add(loss, self.step, self.epoch, self.batch_in_epoch, torch.zeros(0))
+                logs = self.step % tc.log_every == 0
+                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0
+                if logs or saves or self._step_limit_hit():
+                    mean = self._sync(window, stop)
+                    if logs and self.env.is_main:
+                        rate = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
+                        log.info("step %d loss %.4f (%.2f steps/s)", self.step, mean, rate)
+                if saves:
                     self.save()
             return False
         finally:
@@ -193,14 +192,21 @@ class RetrievalTrainer:
     def _stopped_early(self) -> bool:
         return 0 < self.cfg.train.patience <= self.bad_epochs
 
-    def fit(self) -> dict[str, dict]:
+    def _eval(self) -> None:
+        self.eval_pending = False
+        if self._track(self.evaluate()):
+            self.save_best()
+
+    def fit(self, stop: StopSignal | None = None) -> dict[str, dict]:
         """Train until epochs, max_steps or early stopping; returns (and writes) the best epoch's metrics."""
+        if self.eval_pending:  # resumed from a checkpoint saved right before its eval
+            self._eval()
         while self.epoch < self.cfg.train.epochs and not self._step_limit_hit() and not self._stopped_early():
-            if self._train_epoch():
+            if self._train_epoch(stop):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            if self._track(self.evaluate()):
-                self.save_best()
-            self.save()
+            self.eval_pending = True
+            self.save()  # before the eval: a failing eval loses nothing
+            self._eval()
         if self._stopped_early() and self.env.is_main:
             log.info("early stop: no better valid %s for %d evaluations", self.cfg.eval.early_stop_metric,
                      self.bad_epochs)

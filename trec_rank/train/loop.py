@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +26,7 @@ from trec_rank.data.dataset import ParquetDataset
 from trec_rank.parallel.env import DistEnv
 from trec_rank.runtime import faults
 from trec_rank.runtime.model import build_optimizer, ranking_spec, shard_model
-from trec_rank.runtime.run import NonFiniteLoss, Run, all_finite
+from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal, Stopwatch, all_finite
 from trec_rank.train.build import group_ids, open_split
 from trec_rank.train.metrics import EvalMetrics, subset_aucs
 
@@ -91,24 +90,30 @@ class Trainer:
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
         self.step, self.epoch, self.batch_in_epoch, self.eval_step = 0, 0, 0, -1
+        self.eval_pending, self.samples, self.clock = False, 0, Stopwatch()  # restored by resume()
         self.pipeline: TrainPipelineSparseDist | None = None
         self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
         if cfg.train.log_rows:
             (self.run_dir / "rows").mkdir(parents=True, exist_ok=True)
             self.row_log = open(self.run_dir / "rows" / f"rank-{env.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
-        self.writer = SummaryWriter(str(self.run_dir / "tb")) if env.is_main else None
+        self._writer: SummaryWriter | None = None
         self.run = Run(run_dir, env, spec, to_dict(cfg), getattr(cfg, "source", "the config"))
 
-    # ---- checkpoints ------------------------------------------------------------------------
-    def save(self) -> Path:
-        average_buffers(self.model)
-        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "tasks": self.cfg.model.tasks}
-        return self.run.save(self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
+    @property
+    def writer(self) -> SummaryWriter:
+        """TensorBoard (rank 0), opened on first use; a resumed run drops the events after its checkpoint."""
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.run.saved_step
+                                         if self.run.saved_step >= 0 else None)
+        return self._writer
 
-    def init_from(self, ckpt: Path) -> None:
-        """Warm start: the checkpoint's weights, fresh optimizer state, step 0 (fine-tuning, A/B inits)."""
-        self.run.load(ckpt, self.model, None)
-        log.info("initialised weights from %s", ckpt)
+    # ---- checkpoints ------------------------------------------------------------------------
+    def save(self, eval_pending: bool = False) -> Path:
+        """`eval_pending`: an eval of this step runs right after the save (a resume redoes it)."""
+        average_buffers(self.model)
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "tasks": self.cfg.model.tasks,
+                 "eval_pending": eval_pending, "train_seconds": self.clock.seconds, "samples": self.samples}
+        return self.run.save(self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
 
     def resume(self, ckpt: Path) -> None:
         state = self.run.load(ckpt, self.model, self.optimizer)
@@ -116,7 +121,8 @@ class Trainer:
             log.warning("resuming mid-epoch on %d ranks from a %d-rank run: the rest of the epoch is re-cut",
                         self.env.world_size, state["world_size"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
+        self.eval_pending, self.samples = state.get("eval_pending", False), state.get("samples", 0)
+        self.clock = Stopwatch(state.get("train_seconds", 0.0))
 
     # ---- evaluation -------------------------------------------------------------------------
     def run_eval(self) -> dict[str, dict[str, float]]:
@@ -124,7 +130,7 @@ class Trainer:
         if self.pipeline is not None:  # mid-epoch: the pipeline owns the sharded forwards until detached
             self.pipeline.detach()
         results = {split: evaluate(self.model, ds, self.cfg, self.env) for split, ds in self.eval_ds.items()}
-        self.eval_step = self.step
+        self.eval_step, self.eval_pending = self.step, False
         if self.pipeline is not None:
             self.pipeline.attach(self.model)
         if self.env.is_main:
@@ -149,7 +155,7 @@ class Trainer:
                     self.pipeline = None
                     return
                 yield loss
-        for batch in feed:
+        for batch in feed:  # the plain loop decides on every step, before the update (nan_policy)
             batch = batch.to(self.env.device, non_blocking=True)
             loss, _ = self.model(batch)
             if not all_finite(loss):  # all ranks decide alike
@@ -158,73 +164,88 @@ class Trainer:
                     feed.in_flight.popleft()
                     self.batch_in_epoch += 1  # the batch is consumed: a resume must not see it again
                     continue
-                yield torch.tensor(float("nan"))  # fit() stops on it before any update is applied
+                self.force_sync = True  # fit() stops on it before any update is applied
+                yield torch.tensor(float("nan"))
                 continue
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
             yield loss.detach()
 
-    def fit(self) -> dict[str, dict[str, float]]:
+    def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
+        """The one host sync of a logging interval: NaN check and stop request, on every rank alike."""
+        self.force_sync = False
+        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+        if signum:
+            if self.run.saved_step != self.step:
+                self.save()
+            raise Interrupted(self.step, signum)
+        return mean
+
+    def fit(self, stop: StopSignal | None = None) -> dict[str, dict[str, float]]:
         tc, main = self.cfg.train, self.env.is_main
         per_epoch = self.train_ds.max_batches()
         total = tc.epochs * per_epoch if tc.max_steps <= 0 else min(tc.max_steps, tc.epochs * per_epoch)
         bar = tqdm(total=total, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         rows_per_step = self.train_ds.batch_size * self.env.world_size
         results: dict[str, dict[str, float]] = {}
-        first_step, train_s = self.step, 0.0
+        window, self.force_sync = StepWindow(), False
         self.model.train()
+        if self.eval_pending:  # resumed from a checkpoint saved right before its eval
+            results = self.run_eval()
+        self.clock.start_now()
         while self.epoch < tc.epochs and self.step < total:
             feed = _Feed(self.train_ds.lockstep(self.epoch, self.batch_in_epoch), self.step + 1, self.env.rank)
-            t0, n0 = time.perf_counter(), self.step
-            t_eval = 0.0  # time spent in evals and saves inside this epoch, not training
+            n0, t0 = self.step, self.clock.seconds
             for loss in self._steps(feed):
                 rows = feed.in_flight.popleft()
-                self.step += 1
-                self.batch_in_epoch += 1
-                value = float(loss)
-                if not all_finite(loss):
-                    span = f"{int(rows.min())}..{int(rows.max())}" if rows.numel() else "padding"
-                    raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                        f"{self.batch_in_epoch}, dataset rows {span} on rank {self.env.rank}); "
-                                        f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-                if self.row_log is not None:
-                    entry = {"step": self.step, "loss": value, "rows": rows.tolist()}
+                self.step, self.batch_in_epoch, self.samples = self.step + 1, self.batch_in_epoch + 1, \
+                    self.samples + rows_per_step
+                window.add(loss, self.step, self.epoch, self.batch_in_epoch, rows)
+                if self.row_log is not None:  # an audit mode: one host read per step is fine here
+                    entry = {"step": self.step, "loss": float(loss), "rows": rows.tolist()}
                     self.row_log.write(json.dumps(entry) + "\n")
                 faults.kill_if("kill", self.step, self.env.rank)
-                if main and self.step % tc.log_every == 0:
-                    rate = (self.step - n0) * rows_per_step / max(time.perf_counter() - t0 - t_eval, 1e-9)
-                    bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:,.0f}")
-                    self.writer.add_scalar("train/loss", value, self.step)
-                    self.writer.add_scalar("train/samples_per_s", rate, self.step)
                 bar.update(1)
-                t1 = time.perf_counter()
-                if tc.eval_every and self.step % tc.eval_every == 0:
+                logs = self.step % tc.log_every == 0
+                evals = bool(tc.eval_every) and self.step % tc.eval_every == 0
+                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0
+                if logs or evals or saves or self.step >= total or self.force_sync:
+                    mean = self._sync(window, stop)
+                    self.run.start()
+                    if logs and main:
+                        rate = (self.step - n0) * rows_per_step / max(self.clock.seconds - t0, 1e-9)
+                        bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
+                        self.writer.add_scalar("train/loss", mean, self.step)
+                        self.writer.add_scalar("train/samples_per_s", rate, self.step)
+                paused = self.clock.pause()
+                if saves:  # before the eval: a failing eval loses nothing
+                    self.save(eval_pending=evals)
+                if evals:
                     results = self.run_eval()
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save()
-                t_eval += time.perf_counter() - t1
+                self.clock.resume(paused)
                 if self.step >= total and self.batch_in_epoch < per_epoch:  # max_steps inside an epoch
                     break
             else:
-                train_s += time.perf_counter() - t0 - t_eval
+                self._sync(window, stop)
+                self.run.start()
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                paused = self.clock.pause()
+                if not tc.checkpoint_every:
+                    self.save(eval_pending=not tc.eval_every)
                 if not tc.eval_every:
                     results = self.run_eval()
-                if not tc.checkpoint_every:
-                    self.save()
-            if self.step >= total and self.batch_in_epoch:  # stopped mid-epoch by max_steps
-                train_s += time.perf_counter() - t0 - t_eval
+                self.clock.resume(paused)
         bar.close()
+        seconds = self.clock.seconds
+        if self.run.saved_step != self.step:
+            self.save(eval_pending=self.eval_step != self.step)
         if self.eval_step != self.step:
             results = self.run_eval()
-        if self.run.saved_step != self.step:
-            self.save()
         self.run.write_json("metrics.json", results)
-        steps = self.step - first_step
         self.run.write_json("throughput.json", {
-            "steps": steps, "train_seconds": train_s, "world_size": self.env.world_size,
-            "samples_per_s": steps * rows_per_step / train_s if train_s > 0 else 0.0}, sort_keys=False)
-        if main:
-            self.writer.close()
+            "steps": self.step, "train_seconds": seconds, "world_size": self.env.world_size,
+            "samples_per_s": self.samples / seconds if seconds > 0 else 0.0}, sort_keys=False)
+        if self._writer is not None:
+            self._writer.close()
         return results
