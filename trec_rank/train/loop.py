@@ -90,7 +90,7 @@ class Trainer:
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
         self.step, self.epoch, self.batch_in_epoch, self.eval_step = 0, 0, 0, -1
-        self.eval_pending, self.samples, self.clock = False, 0, Stopwatch()  # restored by resume()
+        self.eval_pending, self.samples, self.train_seconds, self.clock = False, 0, 0.0, Stopwatch()  # resume()
         self.pipeline: TrainPipelineSparseDist | None = None
         self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
         if cfg.train.log_rows:
@@ -111,8 +111,9 @@ class Trainer:
     def save(self, eval_pending: bool = False) -> Path:
         """`eval_pending`: an eval of this step runs right after the save (a resume redoes it)."""
         average_buffers(self.model)
+        self.train_seconds = self.clock.seconds  # throughput.json: the training time up to the last checkpoint
         state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "tasks": self.cfg.model.tasks,
-                 "eval_pending": eval_pending, "train_seconds": self.clock.seconds, "samples": self.samples}
+                 "eval_pending": eval_pending, "train_seconds": self.train_seconds, "samples": self.samples}
         return self.run.save(self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
 
     def resume(self, ckpt: Path) -> None:
@@ -122,10 +123,12 @@ class Trainer:
                         self.env.world_size, state["world_size"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         self.eval_pending, self.samples = state.get("eval_pending", False), state.get("samples", 0)
-        self.clock = Stopwatch(state.get("train_seconds", 0.0))
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.clock = Stopwatch(self.train_seconds)
 
     # ---- evaluation -------------------------------------------------------------------------
     def run_eval(self) -> dict[str, dict[str, float]]:
+        faults.kill_if("eval", self.step, self.env.rank)
         average_buffers(self.model)
         if self.pipeline is not None:  # mid-epoch: the pipeline owns the sharded forwards until detached
             self.pipeline.detach()
@@ -209,8 +212,8 @@ class Trainer:
                 bar.update(1)
                 logs = self.step % tc.log_every == 0
                 evals = bool(tc.eval_every) and self.step % tc.eval_every == 0
-                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0
-                if logs or evals or saves or self.step >= total or self.force_sync:
+                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0 or self.step >= total
+                if logs or evals or saves or self.force_sync:
                     mean = self._sync(window, stop)
                     self.run.start()
                     if logs and main:
@@ -231,21 +234,20 @@ class Trainer:
                 self.run.start()
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 paused = self.clock.pause()
-                if not tc.checkpoint_every:
+                if not tc.checkpoint_every and self.run.saved_step != self.step:
                     self.save(eval_pending=not tc.eval_every)
                 if not tc.eval_every:
                     results = self.run_eval()
                 self.clock.resume(paused)
         bar.close()
-        seconds = self.clock.seconds
         if self.run.saved_step != self.step:
             self.save(eval_pending=self.eval_step != self.step)
         if self.eval_step != self.step:
             results = self.run_eval()
         self.run.write_json("metrics.json", results)
         self.run.write_json("throughput.json", {
-            "steps": self.step, "train_seconds": seconds, "world_size": self.env.world_size,
-            "samples_per_s": self.samples / seconds if seconds > 0 else 0.0}, sort_keys=False)
+            "steps": self.step, "train_seconds": self.train_seconds, "world_size": self.env.world_size,
+            "samples_per_s": self.samples / self.train_seconds if self.train_seconds > 0 else 0.0}, sort_keys=False)
         if self._writer is not None:
             self._writer.close()
         return results

@@ -1,0 +1,101 @@
+"""Run lifecycle on real training processes: checkpoint before eval, run-dir ownership, SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.helpers import ROOT, run_cli
+from trec_rank.runtime.checkpoint import complete_checkpoints
+
+CONFIG = "configs/ml100k_base.yaml"
+
+
+def args(run: Path, data: Path, *sets: str, flags: tuple[str, ...] = ()) -> list[str]:
+    out = ["train", CONFIG, "--run-dir", str(run), *flags, "--set", f"data.path={data}/ranking",
+           "--set", "data.eval_splits=[valid]"]
+    for s in sets:
+        out += ["--set", s]
+    return out
+
+
+def history_steps(run: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run / "metrics_history.jsonl").read_text().splitlines()]
+
+
+def test_eval_failure_loses_nothing_and_resume_does_not_duplicate_history(ml100k_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ("train.max_steps=10", "train.eval_every=5")
+    proc = run_cli(*args(run, ml100k_dir, *sets), env={"TREC_RANK_FAULT": "eval:10:0"}, check=False)
+    assert proc.returncode != 0
+    # the step-10 checkpoint was written before the eval that died
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")][-1] == "step-00000010"
+    assert history_steps(run) == [5]
+    run_cli(*args(run, ml100k_dir, *sets, flags=("--resume",)))
+    assert history_steps(run) == [5, 10]  # the pending eval of step 10 ran once, nothing twice
+    assert json.loads((run / "metrics.json").read_text())["valid"]["like/auc"] > 0.5
+
+
+def test_run_dir_belongs_to_one_run(ml100k_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    sets = ("train.max_steps=4",)
+    # a run that fails before its first step leaves nothing that refuses the corrected rerun
+    proc = run_cli(*args(run, ml100k_dir, *sets), env={"TREC_RANK_FAULT": "nan:1:0"}, check=False)
+    assert proc.returncode == 3 and not (run / "config.json").exists() and not (run / "run.json").exists()
+    run_cli(*args(run, ml100k_dir, *sets))
+    first = json.loads((run / "run.json").read_text())
+    throughput = json.loads((run / "throughput.json").read_text())
+    assert throughput["steps"] == 4 and throughput["train_seconds"] > 0
+    refused = run_cli(*args(run, ml100k_dir, *sets), check=False)
+    assert refused.returncode == 2
+    lines = [line for line in refused.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and f"run {first['run_id']}" in lines[0] and "step-00000004" in lines[0]
+    assert "--resume" in lines[0] and "--overwrite" in lines[0]
+    # resuming a finished run keeps the whole run's throughput
+    run_cli(*args(run, ml100k_dir, *sets, flags=("--resume",)))
+    assert json.loads((run / "throughput.json").read_text()) == throughput
+    assert json.loads((run / "run.json").read_text()) == first
+    run_cli(*args(run, ml100k_dir, "train.max_steps=2", flags=("--overwrite",)))
+    assert json.loads((run / "run.json").read_text())["run_id"] != first["run_id"]
+    assert [p.name for p in complete_checkpoints(run / "checkpoints")] == ["step-00000002"]
+    assert history_steps(run) == [2]
+
+
+def _torchrun(*cli_args: str) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+            "-m", "trec_rank.cli", *cli_args]
+
+
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_matches(ml100k_dir: Path, tmp_path: Path) -> None:
+    sets = ("train.max_steps=300", "train.log_every=5", "train.checkpoint_every=1000")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    stopped = tmp_path / "stopped"
+    proc = subprocess.Popen(_torchrun(*args(stopped, ml100k_dir, *sets)), cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while not (stopped / "run.json").exists():  # written at the first sync: training is under way
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # what a cluster does to a preempted pod's launcher
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in stderr.splitlines() if line.startswith("interrupted at step")]
+    assert len(lines) == 1, stderr[-3000:]
+    step = int(lines[0].split()[3].rstrip(";"))
+    assert lines[0] == f"interrupted at step {step}; checkpoint step-{step} saved; rerun with --resume"
+    assert 0 < step < 300 and step % 5 == 0
+    # no traceback from our processes (torchrun, the launcher, prints its own SignalException)
+    assert not [line for line in stderr.splitlines() if 'File "' in line and "trec_rank" in line], stderr[-3000:]
+    assert [p.name for p in complete_checkpoints(stopped / "checkpoints")] == [f"step-{step:08d}"]
+    run_cli(*args(stopped, ml100k_dir, *sets, flags=("--resume",)), nproc=2)
+    straight = tmp_path / "straight"
+    run_cli(*args(straight, ml100k_dir, *sets), nproc=2)
+    a = json.loads((straight / "metrics.json").read_text())["valid"]
+    b = json.loads((stopped / "metrics.json").read_text())["valid"]
+    for key, value in a.items():
+        assert abs(b[key] - value) < 1e-5, key
