@@ -99,3 +99,27 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_matches(ml100k_di
     b = json.loads((stopped / "metrics.json").read_text())["valid"]
     for key, value in a.items():
         assert abs(b[key] - value) < 1e-5, key
+
+
+def test_eval_at_any_world_size_matches_one_rank(adult_dir: Path, tmp_path: Path) -> None:
+    """4 ranks on a valid split smaller than eval_batch_size x 4 (torchrec refused its metric window)."""
+    import pyarrow.parquet as pq
+
+    data = tmp_path / "data"
+    (data / "valid").mkdir(parents=True)
+    for split in ("train", "test"):
+        (data / split).symlink_to(adult_dir / "adult" / split)
+    rows = pq.read_table(adult_dir / "adult" / "valid").slice(0, 700)
+    pq.write_table(rows, data / "valid" / "part-00000.parquet")
+    sets = ["--set", f"data.path={data}", "--set", "data.eval_batch_size=256"]
+    run_cli("train", "configs/adult_mmoe.yaml", "--run-dir", str(tmp_path / "run"), "--set", "train.max_steps=3",
+            "--set", "data.eval_splits=[]", *sets)
+    got = {}
+    for nproc in (1, 4):
+        out = tmp_path / f"eval{nproc}"
+        run_cli("eval", "configs/adult_mmoe.yaml", "--checkpoint", str(tmp_path / "run"), "--run-dir", str(out),
+                "--splits", "valid", *sets, nproc=nproc)
+        got[nproc] = json.loads((out / "metrics.json").read_text())["valid"]
+    assert got[1].keys() == got[4].keys() and "income/auc" in got[1]
+    for key, value in got[1].items():
+        assert abs(got[4][key] - value) < 1e-6, (key, got[4][key], value)
