@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 from tests.helpers import ROOT, run_cli
 from trec_rank.runtime.checkpoint import complete_checkpoints
 
@@ -123,3 +125,40 @@ def test_eval_at_any_world_size_matches_one_rank(adult_dir: Path, tmp_path: Path
     assert got[1].keys() == got[4].keys() and "income/auc" in got[1]
     for key, value in got[1].items():
         assert abs(got[4][key] - value) < 1e-6, (key, got[4][key], value)
+
+
+def test_resume_under_a_plan_that_splits_columns_is_refused_naming_the_table(ml100k_dir: Path, tmp_path: Path) -> None:
+    """table_wise -> column_wise (2 column blocks of 128): the rowwise_adagrad state has one value per row and
+    column block, which DCP cannot split; one line names the table, both layouts and the ways out."""
+    import yaml
+
+    cfg = yaml.safe_load((ROOT / CONFIG).read_text())
+    next(t for t in cfg["schema"]["tables"] if t["name"] == "user")["embedding_dim"] = 256
+    config = tmp_path / "wide_user.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    run = tmp_path / "run"
+    common = ["--run-dir", str(run), "--set", f"data.path={ml100k_dir}/ranking", "--set", "data.eval_splits=[]"]
+    run_cli("train", str(config), *common, "--set", "train.max_steps=2",
+            "--set", "sharding.constraints.user={sharding_types: [table_wise]}", nproc=2)
+    proc = run_cli("train", str(config), *common, "--resume", "--set", "train.max_steps=4",
+                   "--set", "sharding.constraints.user={sharding_types: [column_wise]}", nproc=2, check=False)
+    assert proc.returncode != 0
+    lines = {line for line in proc.stderr.splitlines() if line.startswith("error:")}
+    assert len(lines) == 1, proc.stderr[-4000:]
+    line = lines.pop()
+    assert "table user was trained table_wise" in line and "now column_wise (2)" in line and "--init-from" in line
+    # the way out it names works: the weights reshard onto the column-wise plan, the optimizer starts fresh
+    run_cli("train", str(config), "--run-dir", str(tmp_path / "warm"), "--init-from", str(run),
+            "--set", f"data.path={ml100k_dir}/ranking", "--set", "data.eval_splits=[]", "--set", "train.max_steps=2",
+            "--set", "sharding.constraints.user={sharding_types: [column_wise]}", nproc=2)
+
+
+def test_rng_state_holds_the_gpu_generator_only_once_cuda_is_in_use() -> None:
+    from trec_rank.runtime.checkpoint import rng_state
+
+    state = rng_state()
+    assert torch.equal(state["torch"], torch.get_rng_state())
+    assert ("cuda" in state) == (torch.cuda.is_available() and torch.cuda.is_initialized())
+    if torch.cuda.is_available():  # on a GPU machine: saved and restored with the CPU one
+        torch.zeros(1, device="cuda")
+        assert torch.equal(rng_state()["cuda"], torch.cuda.get_rng_state())

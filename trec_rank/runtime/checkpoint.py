@@ -75,6 +75,15 @@ def check(ckpt: Path, fingerprint: str, source: str) -> dict[str, Any]:
     return state
 
 
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's RNG states: the CPU generator, and its current GPU's once CUDA is in use (dropout
+    and sampling on the GPU draw from that one)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
 def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
          keep: int) -> Path:
     root = Path(root)
@@ -88,7 +97,7 @@ def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, st
     dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()},
              storage_writer=dcp.FileSystemWriter(str(tmp), overwrite=True))
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank-{rank}.pt")
+    torch.save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
     faults.kill_if("save", step, rank)
     dist.barrier()
     if rank == 0:
@@ -120,8 +129,10 @@ def load(ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str,
     rng = ckpt / "rng" / f"rank-{dist.get_rank()}.pt"
     if rng.is_file():
         try:
-            rng_state = torch.load(rng, weights_only=True)["torch"]
+            saved = torch.load(rng, weights_only=True)
+            torch.set_rng_state(saved["torch"])
         except Exception as err:  # noqa: BLE001 - any failure means: not our file, refuse it
             raise ValueError(f"{rng}: not a trec-rank RNG state, refused ({type(err).__name__})") from None
-        torch.set_rng_state(rng_state)
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
     return read_state(ckpt)

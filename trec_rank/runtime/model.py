@@ -65,6 +65,36 @@ def shard_model(spec: ModelSpec, env: DistEnv, plan: ShardingPlan | None = None)
     return shard(planning_model(spec, env.device.type), spec.inputs, env.device, plan)
 
 
+def table_layouts(dmp: nn.Module) -> dict[str, dict]:
+    """{module.table: {"sharding_type", "columns": widths of its column blocks}} of a sharded model.
+
+    A row-wise optimizer state (rowwise_adagrad: one value per row and column block) can be
+    resharded across rows and ranks but not across column blocks; `check_layouts` compares these."""
+    plan = getattr(dmp, "plan", None)
+    out = {}
+    for module, tables in (plan.plan.items() if plan is not None else ()):
+        for table, ps in tables.items():
+            shards = ps.sharding_spec.shards if ps.sharding_spec is not None else []
+            columns = sorted({(s.shard_offsets[1], s.shard_sizes[1]) for s in shards})
+            out[f"{module}.{table}"] = {"sharding_type": ps.sharding_type, "columns": [w for _, w in columns]}
+    return out
+
+
+def check_layouts(saved: dict[str, dict], current: dict[str, dict], optim: OptimConfig) -> None:
+    """Refuse a resume whose plan splits a table's columns differently when its optimizer state is row-wise."""
+    if optim.sparse != "rowwise_adagrad":
+        return
+    for name, now in current.items():
+        was = saved.get(name)
+        if was is not None and was["columns"] != now["columns"]:
+            table = name.rsplit(".", 1)[-1]
+            raise ValueError(
+                f"--resume: table {table} was trained {was['sharding_type']} ({len(was['columns'])} column block(s)) "
+                f"and is now {now['sharding_type']} ({len(now['columns'])}); its rowwise_adagrad state cannot be "
+                f"split across other columns. Resume with sharding.constraints.{table}.sharding_types: "
+                f"[{was['sharding_type']}] on the same world size, or start from its weights with --init-from")
+
+
 def dense_optimizer(params: dict[str, nn.Parameter], cfg: OptimConfig,
                     betas: tuple[float, float] = ADAM_BETAS) -> KeyedOptimizerWrapper:
     """Adam/AdamW use the fused kernel (one op for every tensor; ~7x faster than torch's CPU default,

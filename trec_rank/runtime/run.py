@@ -29,7 +29,7 @@ import torch.distributed as dist
 
 from trec_rank.parallel.env import DistEnv
 from trec_rank.runtime import checkpoint
-from trec_rank.runtime.model import ModelSpec, fingerprint
+from trec_rank.runtime.model import ModelSpec, check_layouts, fingerprint, table_layouts
 
 log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
@@ -202,14 +202,16 @@ class Run:
              root: str = "checkpoints") -> Path:
         """A complete checkpoint RUN_DIR/root/step-N; `state` is the trainer's position (step, epoch, ...)."""
         state = {**state, "step": step, "world_size": self.env.world_size, "fingerprint": self.spec.fingerprint,
-                 "config": self.config}
+                 "layouts": table_layouts(model), "config": self.config}
         self.saved_step = step
         return checkpoint.save(self.dir / root, step, model, optimizer, state, keep)
 
     def load(self, ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
         """Weights and optimizer state of a checkpoint of this model (`--resume`); its trainer state.
         With `optimizer` None (`--init-from`: fine-tuning, A/B inits) the optimizer state stays fresh."""
-        checkpoint.check(ckpt, self.spec.fingerprint, self.source)
+        saved = checkpoint.check(ckpt, self.spec.fingerprint, self.source)
+        if optimizer is not None:
+            check_layouts(saved.get("layouts", {}), table_layouts(model), self.spec.optim)
         state = checkpoint.load(ckpt, model, optimizer)
         if optimizer is None:
             log.info("initialised weights from %s", ckpt)
