@@ -162,3 +162,19 @@ def test_rng_state_holds_the_gpu_generator_only_once_cuda_is_in_use() -> None:
     if torch.cuda.is_available():  # on a GPU machine: saved and restored with the CPU one
         torch.zeros(1, device="cuda")
         assert torch.equal(rng_state()["cuda"], torch.cuda.get_rng_state())
+
+
+def test_train_loss_is_the_mean_over_the_logging_interval(ml100k_dir: Path, tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    run_cli(*args(run, ml100k_dir, "train.max_steps=10", "train.log_every=5", "train.log_rows=true"))
+    losses = {json.loads(line)["step"]: json.loads(line)["loss"]
+              for line in (run / "rows" / "rank-0.jsonl").read_text().splitlines()}
+    events = EventAccumulator(str(run / "tb"))
+    events.Reload()
+    logged = {e.step: e.value for e in events.Scalars("train/loss")}
+    assert sorted(logged) == [5, 10]
+    for step, value in logged.items():
+        mean = sum(losses[s] for s in range(step - 4, step + 1)) / 5
+        assert abs(value - mean) < 1e-5 and abs(value - losses[step]) > 1e-6
