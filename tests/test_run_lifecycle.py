@@ -40,7 +40,16 @@ def test_eval_failure_loses_nothing_and_resume_does_not_duplicate_history(ml100k
     assert history_steps(run) == [5]
     run_cli(*args(run, ml100k_dir, *sets, flags=("--resume",)))
     assert history_steps(run) == [5, 10]  # the pending eval of step 10 ran once, nothing twice
-    assert json.loads((run / "metrics.json").read_text())["valid"]["like/auc"] > 0.5
+    trained = json.loads((run / "metrics.json").read_text())["valid"]
+    # `eval` writes under the run dir, outside checkpoints/ (which rotation prunes); no third-party warnings
+    evaluate = ["eval", CONFIG, "--checkpoint", str(run), "--set", f"data.path={ml100k_dir}/ranking",
+                "--splits", "valid"]
+    shown = {"PYTHONWARNINGS": "default"}  # run_cli hides Python warnings by default
+    quiet = run_cli(*evaluate, env=shown)
+    assert json.loads((run / "eval" / "step-00000010" / "metrics.json").read_text())["valid"] == trained
+    assert not (run / "checkpoints" / "step-00000010" / "metrics.json").exists()
+    assert "Warning" not in quiet.stderr and "eval:" in quiet.stderr  # the eval progress bar
+    assert "Warning" in run_cli("-v", *evaluate, env=shown).stderr
 
 
 def test_run_dir_belongs_to_one_run(ml100k_dir: Path, tmp_path: Path) -> None:
@@ -94,7 +103,8 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_matches(ml100k_di
     # no traceback from our processes (torchrun, the launcher, prints its own SignalException)
     assert not [line for line in stderr.splitlines() if 'File "' in line and "trec_rank" in line], stderr[-3000:]
     assert [p.name for p in complete_checkpoints(stopped / "checkpoints")] == [f"step-{step:08d}"]
-    run_cli(*args(stopped, ml100k_dir, *sets, flags=("--resume",)), nproc=2)
+    resumed = run_cli(*args(stopped, ml100k_dir, *sets, flags=("--resume",)), nproc=2)
+    assert resumed.stderr.count("resumed from") == 1  # under torchrun only rank 0 reports
     straight = tmp_path / "straight"
     run_cli(*args(straight, ml100k_dir, *sets), nproc=2)
     a = json.loads((straight / "metrics.json").read_text())["valid"]

@@ -10,6 +10,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | N
         raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
     env = init_distributed(cfg.sharding.device)
     try:
-        out = Path(run_dir or ckpt)
+        out = Path(run_dir) if run_dir else eval_dir(ckpt)
         if retrieval:
             from trec_rank.retrieval.trainer import RetrievalTrainer
 
@@ -134,6 +135,12 @@ def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | N
         shutdown()
 
 
+def eval_dir(ckpt: Path) -> Path:
+    """RUN_DIR/eval/step-N for RUN_DIR/{checkpoints,best}/step-N (else beside the checkpoint dir)."""
+    run = ckpt.parent.parent if ckpt.parent.name in ("checkpoints", "best") else ckpt.parent
+    return run / "eval" / ckpt.name
+
+
 def _train(args: argparse.Namespace) -> None:
     results = train(args.config, args.set, args.run_dir, args.resume, args.init_from, args.plan, args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -146,7 +153,7 @@ def _eval(args: argparse.Namespace) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         from trec_rank.runtime.checkpoint import resolve
 
-        _print_metrics(results, Path(args.run_dir or resolve(args.checkpoint)) / "metrics.json")
+        _print_metrics(results, Path(args.run_dir or eval_dir(resolve(args.checkpoint))) / "metrics.json")
 
 
 def _print_metrics(results: dict, path: Path) -> None:
@@ -188,7 +195,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the eval splits; writes metrics.json")
     e.add_argument("config")
     e.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
-    e.add_argument("--run-dir", help="where metrics.json goes (default: the checkpoint dir)")
+    e.add_argument("--run-dir", help="where metrics.json goes (default: RUN_DIR/eval/step-N/ of the checkpoint's "
+                   "run, outside checkpoints/ so rotation never removes it)")
     e.add_argument("--splits", help="comma-separated splits (default: data.eval_splits)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     e.set_defaults(func=_eval)
@@ -201,11 +209,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _output(verbose: bool) -> None:
+    """Our INFO lines (rank 0 only under torchrun: progress and summaries once) and our warnings;
+    third-party warnings and logs (planner, DDP, ShardedTensor deprecations, fbgemm's per-table INFO)
+    only with -v, since a user cannot act on them."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("torch").setLevel(logging.WARNING if verbose else logging.ERROR)  # torch sets its own level
+    ours = logging.DEBUG if verbose else logging.INFO
+    logging.getLogger("trec_rank").setLevel(ours if main_rank else logging.WARNING)
+    if not verbose:  # ours are log lines (trec_rank loggers), never Python warnings
+        warnings.filterwarnings("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # fbgemm and torchrec log every table at INFO on the root logger: keep ours at INFO only.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("trec_rank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _output(args.verbose)
     from trec_rank.runtime.run import Interrupted, NonFiniteLoss
 
     try:

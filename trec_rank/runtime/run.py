@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 RUN_FILE = "run.json"
 # what a run writes into its dir; --overwrite removes exactly these, nothing else the dir may hold
 RUN_ENTRIES = (RUN_FILE, "config.json", "metrics.json", "metrics_history.jsonl", "throughput.json", "best.json",
-               "checkpoints", "best", "tb", "rows")
+               "checkpoints", "best", "tb", "rows", "eval")
 
 
 class NonFiniteLoss(RuntimeError):

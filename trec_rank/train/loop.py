@@ -38,7 +38,9 @@ def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, 
     model.eval()
     metrics = EvalMetrics(cfg.model.tasks, ds.batch_size, env.world_size, env.rank, env.device,
                           window_rows=ds.num_rows, subsets=subset_aucs(cfg))
-    for batch in ds.lockstep():
+    bar = tqdm(ds.lockstep(), total=ds.max_batches(), desc="eval", unit="batch", leave=False, disable=not env.is_main,
+               dynamic_ncols=True)
+    for batch in bar:
         batch = batch.to(env.device, non_blocking=True)
         _, (_, logits, labels) = model(batch)
         metrics.update(logits, labels, batch.weights, group_ids(batch, cfg.data.group_by))
