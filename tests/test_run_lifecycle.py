@@ -188,3 +188,25 @@ def test_train_loss_is_the_mean_over_the_logging_interval(ml100k_dir: Path, tmp_
     for step, value in logged.items():
         mean = sum(losses[s] for s in range(step - 4, step + 1)) / 5
         assert abs(value - mean) < 1e-5 and abs(value - losses[step]) > 1e-6
+
+
+def test_damaged_checkpoint_is_named_and_a_failed_score_leaves_no_job_record(ml100k_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    run = tmp_path / "run"
+    run_cli(*args(run, ml100k_dir, "train.max_steps=3", "data.eval_splits=[]"))
+    good = complete_checkpoints(run / "checkpoints")[-1]
+    damaged = tmp_path / "damaged" / "checkpoints" / good.name
+    shutil.copytree(good, damaged)
+    shard = damaged / "__0_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:100])  # cut short: every tensor stored there is lost
+    data = ["--set", f"data.path={ml100k_dir}/ranking"]
+    proc = run_cli("eval", CONFIG, "--checkpoint", str(damaged), "--splits", "valid", *data, check=False)
+    assert proc.returncode == 2 and f"error: {shard}: damaged checkpoint file (cut short" in proc.stderr, proc.stderr
+    out = tmp_path / "scores"
+    score = ["score", CONFIG, "--input", str(ml100k_dir / "ranking" / "test"), "--output", str(out), *data]
+    proc = run_cli(*score, "--checkpoint", str(damaged), check=False)
+    assert proc.returncode == 2 and f"error: {shard}: damaged checkpoint file" in proc.stderr, proc.stderr
+    assert not (out / "_job.json").exists()
+    run_cli(*score, "--checkpoint", str(run))  # the corrected rerun into the same --output
+    assert (out / "_SUCCESS").is_file()

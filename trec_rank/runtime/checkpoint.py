@@ -9,6 +9,7 @@ latest. Loading goes through DCP, so a checkpoint reshards onto any plan or worl
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from trec_rank.runtime import faults
 from trec_rank.runtime.safe_dcp import SafeFileSystemReader
@@ -54,7 +56,33 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / STATE_FILE).read_text())
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{ckpt / STATE_FILE}: damaged checkpoint file ({err})") from None
+
+
+def damaged_file(ckpt: Path) -> str | None:
+    """The first file of `ckpt` that does not hold what its `.metadata` says (missing, cut short, or a
+    tensor that does not load), as a message; None when every file reads. Run only after a load failed:
+    it reads the whole checkpoint again."""
+    metadata = SafeFileSystemReader(str(ckpt)).read_metadata()
+    tensors = {fqn for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    for index, info in sorted(metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        path = ckpt / info.relative_path
+        if not path.is_file():
+            return f"{path}: checkpoint file missing"
+        if path.stat().st_size < info.offset + info.length:
+            return f"{path}: damaged checkpoint file (cut short: {path.stat().st_size} bytes, needs " \
+                   f"{info.offset + info.length})"
+        if index.fqn in tensors:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                try:
+                    torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+                except Exception as err:  # noqa: BLE001 - any failure: this file is damaged
+                    return f"{path}: damaged checkpoint file ({index.fqn}: {type(err).__name__})"
+    return None
 
 
 def latest(run_dir: str | Path) -> Path | None:
@@ -122,7 +150,7 @@ def load(ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str,
         dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)),
                  planner=DefaultLoadPlanner(allow_partial_load=True))
     except CheckpointException as err:
-        raise ValueError(f"{ckpt}: checkpoint cannot be loaded ({err})") from None
+        raise ValueError(damaged_file(ckpt) or f"{ckpt}: checkpoint cannot be loaded ({err})") from None
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])

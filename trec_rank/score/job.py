@@ -135,12 +135,21 @@ def _plan_work(req: ScoreRequest, env: DistEnv, job: dict[str, Any]) -> dict[str
     out = Path(req.output)
     sharded = req.sharded or bool(req.plan)
     kind = scoring_model.choose_kind(req.config, env, sharded, req.quantize)  # may refuse: touch nothing yet
+    created = read_job(out) is None if out.is_dir() else True
     done, complete = prepare(out, job)
     pending = sorted(set(range(num_parts(job["input"]["rows"], job["part_rows"]))) - set(done))
     if pending and complete:  # a part vanished after success: the output is incomplete again
         (out / SUCCESS_FILE).unlink()
         complete = False
-    return {"pending": pending, "complete": complete, "kind": kind, "done": len(done)}
+    return {"pending": pending, "complete": complete, "kind": kind, "done": len(done), "created": created}
+
+
+def _forget_job(req: ScoreRequest) -> None:
+    """Rank 0, after a failure: a job record this run made but no part was written under is removed,
+    so a corrected rerun (another checkpoint, batch size, ...) is not refused as another job."""
+    out = Path(req.output)
+    if not any(out.glob("part-*.parquet")):
+        (out / JOB_FILE).unlink(missing_ok=True)
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
@@ -218,10 +227,15 @@ def run(req: ScoreRequest) -> dict[str, Any] | None:
         work = _from_rank0(env, lambda: _plan_work(req, env, job))
         if work["complete"]:
             return _already_complete(req) if env.is_main else None
-        model = scoring_model.load(cfg, env, ckpt, work["kind"], plan, keep_reference=settings["with_labels"])
-        dist.barrier()  # time the scoring itself, from a common start
-        t_loop = time.perf_counter()
-        gathered = _score_rank(req, env, ds, model, part_rows, settings["passthrough"], work["pending"])
+        try:
+            model = scoring_model.load(cfg, env, ckpt, work["kind"], plan, keep_reference=settings["with_labels"])
+            dist.barrier()  # time the scoring itself, from a common start
+            t_loop = time.perf_counter()
+            gathered = _score_rank(req, env, ds, model, part_rows, settings["passthrough"], work["pending"])
+        except BaseException:
+            if env.is_main and work["created"]:
+                _forget_job(req)
+            raise
         if gathered is None:
             return None
         seconds, scored = time.perf_counter() - t_loop, sum(g["rows"] for g in gathered)

@@ -40,6 +40,7 @@ from trec_rank.data.batch import Batch
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.registry import build_model
 from trec_rank.parallel.env import DistEnv
+from trec_rank.runtime.checkpoint import damaged_file
 from trec_rank.runtime.safe_dcp import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,8 @@ def load_unsharded(cfg: ExperimentConfig, ckpt: Path, device: torch.device) -> n
         dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=True)
     except CheckpointException as err:
         first = str(err).strip().splitlines()[-1][:300]
-        raise ValueError(f"--checkpoint {ckpt}: does not hold this model's weights ({first})") from None
+        raise ValueError(damaged_file(ckpt) or f"--checkpoint {ckpt}: does not hold this model's weights ({first})"
+                         ) from None
     model.load_state_dict({k[len(WRAPPER_PREFIX):]: v for k, v in state.items()})
     return model.eval()
 
