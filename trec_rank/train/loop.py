@@ -212,10 +212,12 @@ class Trainer:
                     self.row_log.write(json.dumps(entry) + "\n")
                 faults.kill_if("kill", self.step, self.env.rank)
                 bar.update(1)
-                logs = self.step % tc.log_every == 0
-                evals = bool(tc.eval_every) and self.step % tc.eval_every == 0
-                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0 or self.step >= total
-                if logs or evals or saves or self.force_sync:
+                # the last step's eval waits for the final save (below, or at the epoch's end)
+                last, logs = self.step >= total, self.step % tc.log_every == 0
+                evals = bool(tc.eval_every) and self.step % tc.eval_every == 0 and not last
+                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0 or \
+                    last and self.batch_in_epoch < per_epoch
+                if logs or evals or saves or last or self.force_sync:
                     mean = self._sync(window, stop)
                     self.run.start()
                     if logs and main:
