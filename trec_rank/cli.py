@@ -216,7 +216,8 @@ def _output(verbose: bool) -> None:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("torch").setLevel(logging.WARNING if verbose else logging.ERROR)  # torch sets its own level
+    if not verbose:  # torch resets its loggers when imported (after this): ask it for errors only
+        os.environ.setdefault("TORCH_LOGS", "-all")
     ours = logging.DEBUG if verbose else logging.INFO
     logging.getLogger("trec_rank").setLevel(ours if main_rank else logging.WARNING)
     if not verbose:  # ours are log lines (trec_rank loggers), never Python warnings
