@@ -91,14 +91,14 @@ def latest(run_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def check(ckpt: Path, fingerprint: str, source: str) -> dict[str, Any]:
+def check(ckpt: Path, fingerprint: str, source: str, flag: str = "--checkpoint") -> dict[str, Any]:
     """The checkpoint's trainer state, if its tensors were made for the model `source` builds.
 
     The one fingerprint check of every job kind (resume, init-from, eval, score): a checkpoint of
     another schema or model would fail deep inside DCP, or worse, load into a different model."""
     state = read_state(ckpt)
     if state.get("fingerprint") != fingerprint:
-        raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model than {source} "
+        raise ValueError(f"{flag} {ckpt}: checkpoint was trained with another schema/model than {source} "
                          f"(fingerprint {state.get('fingerprint')} != {fingerprint})")
     return state
 

@@ -209,7 +209,8 @@ class Run:
     def load(self, ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str, Any]:
         """Weights and optimizer state of a checkpoint of this model (`--resume`); its trainer state.
         With `optimizer` None (`--init-from`: fine-tuning, A/B inits) the optimizer state stays fresh."""
-        saved = checkpoint.check(ckpt, self.spec.fingerprint, self.source)
+        saved = checkpoint.check(ckpt, self.spec.fingerprint, self.source, "--init-from" if optimizer is None else
+                                 "--resume")
         if optimizer is not None:
             check_layouts(saved.get("layouts", {}), table_layouts(model), self.spec.optim)
         state = checkpoint.load(ckpt, model, optimizer)
