@@ -1,6 +1,6 @@
 """HSTU vs SASRec retrieval (same table, loss, negatives, protocol and budget), plus HSTU vs base for ranking.
 
-Each retrieval run is `python -m trec_rank.retrieval.cli train` in its own process, one after another
+Each retrieval run is `python -m trec_rank.cli train` in its own process, one after another
 (so runs do not compete for the cores), with the same epochs / patience / seeds for both encoders;
 the script reads each run's metrics.json (test at the best validation epoch) and prints one
 markdown table. `--step-time` adds a train-step micro-benchmark of both encoders (one process, no
@@ -38,7 +38,7 @@ def retrieval_run(config: str, seed: int, args: argparse.Namespace) -> dict:
     sets = [f"train.epochs={args.epochs}", f"train.patience={args.patience}", f"train.seed={seed}",
             f"data.seed={seed}", *args.set]
     launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}"]
-    cmd = [sys.executable, *(launcher if args.nproc > 1 else []), "-m", "trec_rank.retrieval.cli", "train", config,
+    cmd = [sys.executable, *(launcher if args.nproc > 1 else []), "-m", "trec_rank.cli", "train", config,
            "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONWARNINGS": "ignore"}
     load0, t0 = os.getloadavg()[0], time.perf_counter()

@@ -25,6 +25,7 @@ from trec_rank.config.experiment import ExperimentConfig  # noqa: E402
 from trec_rank.config.typed import from_dict, read_yaml  # noqa: E402
 from trec_rank.plan.planning import Cluster, plan_cluster  # noqa: E402
 from trec_rank.plan.report import grid, shortfall, summary  # noqa: E402
+from trec_rank.runtime.model import ranking_spec  # noqa: E402
 
 
 def prefix_config(raw: dict, n_tables: int) -> ExperimentConfig:
@@ -56,7 +57,7 @@ def main() -> None:
         cells = [f"{len(cfg.schema.tables)}"]
         for ws in args.world_sizes:
             t0 = time.perf_counter()
-            result = plan_cluster(cfg, Cluster(ws, min(ws, 8), args.device, hbm_gb=args.hbm_gb))
+            result = plan_cluster(ranking_spec(cfg), Cluster(ws, min(ws, 8), args.device, hbm_gb=args.hbm_gb))
             wall = time.perf_counter() - t0
             s = summary(result)
             note = "fits" if result.fits else f"no fit: {shortfall(s['diagnosis'])}"

@@ -336,7 +336,7 @@ def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) 
     """One fused-SGD step with and without the L2 (same init, same batch): the sharded item table
     differs by exactly -lr * 2 lambda w_j / n_j on the batch's rows and nowhere else."""
     from trec_rank.parallel.env import init_distributed, shutdown
-    from trec_rank.train.build import build_train_model
+    from trec_rank.runtime.model import ranking_spec, shard_model
 
     lam, lr = 50.0, 0.5
     env = init_distributed("cpu")
@@ -346,7 +346,7 @@ def test_minibatch_l2_reaches_the_fused_in_backward_optimizer(ml100k_dir: Path) 
             cfg = load_config(ROOT / "configs/ml100k_din.yaml", [
                 f"data.path={ml100k_dir}/ranking",
                 f"model.params.encoder.l2.weight={weight}", "train.optim.sparse=sgd", f"train.optim.sparse_lr={lr}"])
-            dmp = build_train_model(cfg, env, id_counts=train_id_counts(cfg))
+            dmp = shard_model(ranking_spec(cfg, train_id_counts(cfg)), env)
             before = dmp.state_dict()["model.ec.embeddings.item.weight"].local_shards()[0].tensor.clone()
             batch = next(iter(ParquetDataset(cfg.data.split_path("train"), cfg.schema, 32, shuffle=True).batches()))
             loss, _ = dmp(batch)

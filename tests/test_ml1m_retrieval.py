@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.helpers import ROOT
-from trec_rank.retrieval import cli
+from trec_rank import cli
 
 USERS, MOVIES = 40, 300
 

@@ -14,10 +14,12 @@ import torch.distributed as dist
 from torch.distributed.checkpoint import FileSystemReader
 
 from tests.helpers import run_cli
+from trec_rank.cli import load_job
 from trec_rank.config.experiment import load_config
 from trec_rank.plan.cli import add_subcommand
 from trec_rank.plan.io import load_plan, plan_from_dict, plan_to_dict
 from trec_rank.plan.planning import Cluster, plan_cluster
+from trec_rank.runtime.model import ranking_spec
 
 CONFIG = "configs/ml100k_base.yaml"
 LARGE = "configs/synthetic_large.yaml"
@@ -33,7 +35,7 @@ EVERY_TYPE = ["sharding.constraints.user={sharding_types: [row_wise]}",
 def plan_cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
     """Run `trec-rank plan ARGS` in this process through the subcommand's own argparse wiring."""
     parser = argparse.ArgumentParser(prog="trec-rank")
-    add_subcommand(parser.add_subparsers(dest="command", required=True))
+    add_subcommand(parser.add_subparsers(dest="command", required=True), load_job)
     ns = parser.parse_args(["plan", *args])
     try:
         ns.func(ns)
@@ -67,7 +69,7 @@ def test_64_ranks_on_8_hosts_in_one_process(capsys: pytest.CaptureFixture, tmp_p
 
 def test_json_round_trip_is_exact() -> None:
     cfg = load_config(CONFIG, EVERY_TYPE)
-    plan = plan_cluster(cfg, Cluster(16, 4, "cuda", hbm_gb=16)).plan
+    plan = plan_cluster(ranking_spec(cfg), Cluster(16, 4, "cuda", hbm_gb=16)).plan
     kinds = {ps.sharding_type for mplan in plan.plan.values() for ps in mplan.values()}
     assert kinds == {"row_wise", "column_wise", "data_parallel", "table_row_wise", "table_column_wise",
                      "table_wise"}
@@ -105,7 +107,7 @@ def test_cpu_and_cuda_topologies_without_a_gpu(capsys: pytest.CaptureFixture) ->
     cpu_ebc = [t for t in cpu["tables"] if t["module"] == "model.ebc"]
     assert not {t["sharding_type"] for t in cpu_ebc} & {"row_wise", "table_row_wise"}
     cfg = load_config(CONFIG)
-    placements = {d: [s.placement for mp in plan_cluster(cfg, Cluster(4, 2, d)).plan.plan.values()
+    placements = {d: [s.placement for mp in plan_cluster(ranking_spec(cfg), Cluster(4, 2, d)).plan.plan.values()
                       for ps in mp.values() if ps.sharding_spec for s in ps.sharding_spec.shards]
                   for d in ("cpu", "cuda")}
     assert {p.device().type for p in placements["cpu"]} == {"cpu"}
@@ -163,14 +165,14 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     plan_file = tmp_path / "p.json"
     assert plan_cli(capsys, CONFIG, "--world-size", "2", "--device", "cpu", "--out", str(plan_file))[0] == 0
     cfg = load_config(CONFIG)
-    assert load_plan(plan_file, cfg, 2, 2, "cpu").plan.keys() == {"model.ebc", "model.ec"}
+    assert load_plan(plan_file, ranking_spec(cfg), 2, 2, "cpu").plan.keys() == {"model.ebc", "model.ec"}
     with pytest.raises(ValueError, match="world_size: plan has 2, this job has 4"):
-        load_plan(plan_file, cfg, 4, 4, "cpu")
+        load_plan(plan_file, ranking_spec(cfg), 4, 4, "cpu")
     with pytest.raises(ValueError, match="device: plan has 'cpu', this job has 'cuda'"):
-        load_plan(plan_file, cfg, 2, 2, "cuda")
+        load_plan(plan_file, ranking_spec(cfg), 2, 2, "cuda")
     next(t for t in cfg.schema.tables if t.name == "user").embedding_dim = 32
     with pytest.raises(ValueError, match=r"table model\.ebc\.user: plan has 944x16, config has 944x32"):
-        load_plan(plan_file, cfg, 2, 2, "cpu")
+        load_plan(plan_file, ranking_spec(cfg), 2, 2, "cpu")
     # the real trainer refuses it before touching data: one process != the plan's two ranks
     proc = run_cli("train", CONFIG, "--run-dir", str(tmp_path / "run"), "--plan", str(plan_file), check=False)
     assert proc.returncode == 2 and "world_size: plan has 2, this job has 1" in proc.stderr

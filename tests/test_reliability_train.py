@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from tests.helpers import run_cli
-from trec_rank.train.checkpoint import complete_checkpoints
+from trec_rank.runtime.checkpoint import complete_checkpoints
 
 CONFIG = "configs/ml100k_base.yaml"
 

@@ -14,10 +14,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from tests.helpers import ROOT, run_cli
+from trec_rank import cli
 from trec_rank.config.typed import ConfigError
 from trec_rank.models.embeddings import materialize
-from trec_rank.retrieval import cli
 from trec_rank.retrieval.batch import NegativeSampler, targets, train_batch
 from trec_rank.retrieval.config import load_retrieval_config
 from trec_rank.retrieval.data import Sequences, SplitReader, read_sequences
@@ -25,6 +25,7 @@ from trec_rank.retrieval.evaluate import evaluate_split
 from trec_rank.retrieval.loss import sampled_softmax_loss
 from trec_rank.retrieval.metrics import RankingMetrics, target_ranks
 from trec_rank.retrieval.model import build_retrieval_model, normalize
+from trec_rank.retrieval.trainer import retrieval_spec
 
 CONFIG = str(ROOT / "configs" / "ml100k_hstu.yaml")
 ITEMS = 1683  # ml-100k: ids 1..1682
@@ -175,7 +176,7 @@ def test_full_corpus_eval_matches_brute_force_with_history_filtered(seq_dir: Pat
 def test_shipped_configs_load(name: str) -> None:
     cfg = load_retrieval_config(ROOT / "configs" / f"{name}.yaml")
     assert cfg.kind == "retrieval" and cfg.item.embedding_dim % 4 == 0
-    assert cfg.planning_view().schema.sequence_tables[0].name == "item"
+    assert retrieval_spec(cfg).inputs.schema.sequence_tables[0].name == "item"
 
 
 def test_config_errors_name_the_key(seq_dir: Path) -> None:
@@ -187,7 +188,7 @@ def test_config_errors_name_the_key(seq_dir: Path) -> None:
         load_retrieval_config(CONFIG, ["eval.early_stop_metric=hr@5"])
     with pytest.raises(ConfigError, match="data_parallel"):
         load_retrieval_config(CONFIG, ["sharding.constraints={item: {sharding_types: [data_parallel]}}"])
-    view = load_retrieval_config(CONFIG).planning_view()
+    view = retrieval_spec(load_retrieval_config(CONFIG)).inputs
     assert view.sharding.constraints["item"].sharding_types == ["table_wise", "row_wise"]
     with pytest.raises(ValueError, match="item_ids.*outside"):
         read_sequences(seq_dir, "item_ids", "timestamps", 100)
@@ -211,8 +212,25 @@ def test_train_resume_and_eval_cli(seq_dir: Path, tmp_path: Path, caplog: pytest
     assert [h["step"] for h in history] == [2, 4]
     evaluated = cli.evaluate(CONFIG, tiny(seq_dir), str(tmp_path / "a"), str(tmp_path / "eval"))
     assert evaluated["valid"] == straight["valid"]
-    with pytest.raises(ValueError, match="another item table/model"):
+    with pytest.raises(ValueError, match="another schema/model"):
         cli.evaluate(CONFIG, tiny(seq_dir, "item.embedding_dim=8"), str(tmp_path / "a"), None)
+
+
+def test_init_from_and_plan_through_the_one_cli(seq_dir: Path, tmp_path: Path) -> None:
+    """Retrieval configs take --init-from and --plan like ranking ones: a run started from another run's
+    weights with both learning rates 0 scores exactly what that run's checkpoint scores."""
+    plan = tmp_path / "plan.json"
+    proc = run_cli("plan", CONFIG, "--world-size", "1", "--device", "cpu", "--out", str(plan),
+                   *[a for o in tiny(seq_dir) for a in ("--set", o)], check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(plan.read_text())["inputs"]["tables"] == {"ec": {"item": [ITEMS, 16]}}
+    cli.train(CONFIG, tiny(seq_dir, "train.max_steps=2"), str(tmp_path / "a"), plan_path=str(plan))
+    source = cli.evaluate(CONFIG, tiny(seq_dir), str(tmp_path / "a"), str(tmp_path / "eval_a"))
+    frozen = tiny(seq_dir, "train.max_steps=1", "train.optim.sparse_lr=0.0", "train.optim.dense_lr=0.0")
+    started = cli.train(CONFIG, frozen, str(tmp_path / "b"), init_from=str(tmp_path / "a"))
+    assert started == source
+    with pytest.raises(ValueError, match="another schema/model"):
+        cli.train(CONFIG, tiny(seq_dir, "item.embedding_dim=8"), str(tmp_path / "c"), init_from=str(tmp_path / "a"))
 
 
 @pytest.mark.parametrize("learns", [False, True])
@@ -244,7 +262,7 @@ def test_best_checkpoint_survives_rotation_and_reproduces_the_reported_metrics(
 def test_two_ranks_under_torchrun(seq_dir: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "trec_rank.retrieval.cli", "train", CONFIG, "--run-dir", str(run),
+           "-m", "trec_rank.cli", "train", CONFIG, "--run-dir", str(run),
            *[a for o in tiny(seq_dir, "train.max_steps=3", "sharding.constraints={item: {sharding_types: [row_wise]}}")
              for a in ("--set", o)]]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}

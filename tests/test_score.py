@@ -81,8 +81,8 @@ def test_scores_equal_eval_logits(one_rank: Path, ml100k_dir: Path, trained: Pat
     from trec_rank.config.experiment import load_config
     from trec_rank.data.dataset import ParquetDataset
     from trec_rank.parallel.env import init_distributed, shutdown
-    from trec_rank.train import checkpoint
-    from trec_rank.train.build import build_train_model
+    from trec_rank.runtime import checkpoint
+    from trec_rank.runtime.model import ranking_spec, shard_model
 
     test_dir = ml100k_dir / "ranking" / "test"
     got = read_scores(one_rank)
@@ -100,7 +100,7 @@ def test_scores_equal_eval_logits(one_rank: Path, ml100k_dir: Path, trained: Pat
     cfg = load_config(ROOT / CONFIG, [f"data.path={ml100k_dir}/ranking"])
     env = init_distributed("cpu")
     try:
-        model = build_train_model(cfg, env)
+        model = shard_model(ranking_spec(cfg), env)
         checkpoint.load(checkpoint.resolve(trained), model, None)
         model.eval()
         expected = np.zeros(n, dtype=np.float32)

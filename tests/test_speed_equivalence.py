@@ -22,7 +22,7 @@ from trec_rank.models import attention, dice
 from trec_rank.models.attention import AttentionParams, TargetAttention, segment_softmax
 from trec_rank.models.dice import Dice
 from trec_rank.models.embeddings import segment_ids
-from trec_rank.train import build
+from trec_rank.runtime import model as runtime_model
 
 
 # ---- references (the computation before the speed work) ----------------------------------------
@@ -51,7 +51,7 @@ def reference_weights(self: TargetAttention, query: torch.Tensor, keys: torch.Te
     return scores
 
 
-def reference_dense_optimizer(params: dict[str, nn.Parameter], cfg: OptimConfig):  # noqa: ANN201
+def reference_dense_optimizer(params: dict[str, nn.Parameter], cfg: OptimConfig, betas: tuple = (0.9, 0.999)):  # noqa: ANN201
     from torchrec.optim.keyed import KeyedOptimizerWrapper
 
     return KeyedOptimizerWrapper(params, lambda ps: torch.optim.Adam(ps, lr=cfg.dense_lr, eps=cfg.eps,
@@ -137,7 +137,7 @@ def test_fused_dense_optimizer_follows_the_reference_update(kind: str) -> None:
     init = [torch.randn(s, generator=g) for s in shapes]
     fast = {f"p{i}": nn.Parameter(t.clone()) for i, t in enumerate(init)}
     ref = {f"p{i}": nn.Parameter(t.clone()) for i, t in enumerate(init)}
-    opt_fast = build.dense_optimizer(fast, cfg)
+    opt_fast = runtime_model.dense_optimizer(fast, cfg)
     cls = torch.optim.AdamW if kind == "adamw" else torch.optim.Adam
     opt_ref = cls(list(ref.values()), lr=cfg.dense_lr, eps=cfg.eps, weight_decay=cfg.weight_decay)
     for _ in range(40):
@@ -175,7 +175,7 @@ def test_training_losses_match_the_reference_step_by_step(config: str, ml100k_di
     fast = _train_losses(config, sets, tmp_path / "fast")
     monkeypatch.setattr(dice.Dice, "forward", reference_dice)
     monkeypatch.setattr(attention.TargetAttention, "weights", reference_weights)
-    monkeypatch.setattr(build, "dense_optimizer", reference_dense_optimizer)
+    monkeypatch.setattr(runtime_model, "dense_optimizer", reference_dense_optimizer)
     ref = _train_losses(config, sets, tmp_path / "ref")
     assert len(fast) == len(ref) == 12
     torch.testing.assert_close(torch.tensor(fast), torch.tensor(ref), rtol=2e-5, atol=1e-6)

@@ -10,7 +10,9 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
+from typing import Any
 
 SET_HELP = "override a config value, e.g. --set train.epochs=3 (repeatable; value parsed as YAML)"
 EVAL_SET_HELP = "override a config value, e.g. --set data.eval_batch_size=4096 (repeatable; value parsed as YAML)"
@@ -50,85 +52,120 @@ def _data(args: argparse.Namespace) -> None:
     print_summary(manifest)
 
 
-def _is_retrieval(config: str) -> bool:
-    """Retrieval (HSTU/SASRec next-item) configs say `kind: retrieval` at the top level."""
-    from trec_rank.config.typed import read_yaml
+def load_job(config: str, overrides: list[str]) -> tuple[Any, Any]:
+    """(typed config, ModelSpec) of a ranking or a retrieval (`kind: retrieval` at the top level) config."""
+    from trec_rank.retrieval.config import is_retrieval_config
 
-    return read_yaml(config).get("kind") == "retrieval"
+    if is_retrieval_config(config):
+        from trec_rank.retrieval.config import load_retrieval_config
+        from trec_rank.retrieval.trainer import retrieval_spec
+
+        cfg = load_retrieval_config(config, overrides)
+        return cfg, retrieval_spec(cfg)
+    from trec_rank.config.experiment import load_config
+    from trec_rank.runtime.model import ranking_spec
+
+    cfg = load_config(config, overrides)
+    return cfg, ranking_spec(cfg)
+
+
+def train(config: str, overrides: list[str], run_dir: str, resume: bool = False, init_from: str | None = None,
+          plan_path: str | None = None, overwrite: bool = False) -> dict:
+    """Train a ranking or retrieval config; returns (and writes) metrics.json's dict."""
+    from trec_rank.parallel.env import init_distributed, shutdown
+    from trec_rank.runtime import checkpoint
+    from trec_rank.runtime.run import StopSignal, claim
+
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --run-dir, --overwrite replaces it: pass one of them")
+    cfg, spec = load_job(config, overrides)
+    env = init_distributed(cfg.sharding.device, run_dir=run_dir)  # every rank must see the same run dir
+    stop = StopSignal()
+    try:
+        claim(run_dir, env, resume, overwrite)
+        plan = None
+        if plan_path:
+            from trec_rank.plan.io import load_plan
+
+            plan = load_plan(plan_path, spec, env.world_size, env.local_world_size, env.device.type)
+        if getattr(cfg, "kind", None) == "retrieval":
+            from trec_rank.retrieval.trainer import RetrievalTrainer as Trainer
+        else:
+            from trec_rank.train.loop import Trainer
+        trainer = Trainer(cfg, env, run_dir, plan)
+        if init_from:
+            trainer.run.load(checkpoint.resolve(init_from), trainer.model, None)
+        if resume:
+            found = checkpoint.latest(run_dir)
+            if found:
+                trainer.resume(found)
+            elif env.is_main:
+                logging.getLogger(__name__).info("--resume: no complete checkpoint in %s, starting fresh", run_dir)
+        return trainer.fit(stop)
+    finally:
+        stop.close()
+        shutdown()
+
+
+def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | None = None,
+             splits: list[str] | None = None) -> dict:
+    """Eval-split metrics of a checkpoint (a checkpoint dir, or a run dir: its latest); writes metrics.json."""
+    import json
+
+    from trec_rank.parallel.env import init_distributed, shutdown
+    from trec_rank.runtime import checkpoint
+
+    cfg, spec = load_job(config, overrides)
+    ckpt = checkpoint.resolve(ckpt_path)
+    checkpoint.check(ckpt, spec.fingerprint, config)
+    retrieval = getattr(cfg, "kind", None) == "retrieval"
+    if retrieval and splits:
+        raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
+    env = init_distributed(cfg.sharding.device)
+    try:
+        out = Path(run_dir) if run_dir else eval_dir(ckpt)
+        if retrieval:
+            from trec_rank.retrieval.trainer import RetrievalTrainer
+
+            trainer = RetrievalTrainer(cfg, env, out)
+            checkpoint.load(ckpt, trainer.model, None)
+            results = trainer.evaluate()
+        else:
+            from trec_rank.runtime.model import shard_model
+            from trec_rank.train.build import open_split
+            from trec_rank.train.loop import evaluate as evaluate_split
+
+            model = shard_model(spec, env)
+            checkpoint.load(ckpt, model, None)
+            results = {s: evaluate_split(model, open_split(cfg, s, env, train=False), cfg, env)
+                       for s in splits or cfg.data.eval_splits}
+        if env.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+        return results
+    finally:
+        shutdown()
+
+
+def eval_dir(ckpt: Path) -> Path:
+    """RUN_DIR/eval/step-N for RUN_DIR/{checkpoints,best}/step-N (else beside the checkpoint dir)."""
+    run = ckpt.parent.parent if ckpt.parent.name in ("checkpoints", "best") else ckpt.parent
+    return run / "eval" / ckpt.name
 
 
 def _train(args: argparse.Namespace) -> None:
-    if _is_retrieval(args.config):
-        from trec_rank.retrieval import cli as retrieval
-
-        if args.plan or args.init_from:
-            raise ValueError("--plan and --init-from are not supported for retrieval (kind: retrieval) configs")
-        retrieval.train(args.config, args.set, args.run_dir, args.resume)
-        return
-    from trec_rank.config.experiment import load_config
-    from trec_rank.parallel.env import init_distributed, shutdown
-    from trec_rank.train import checkpoint
-    from trec_rank.train.loop import Trainer
-
-    cfg = load_config(args.config, args.set)
-    env = init_distributed(cfg.sharding.device)
-    try:
-        plan = None
-        if args.plan:
-            from trec_rank.plan.io import load_plan
-
-            plan = load_plan(args.plan, cfg, env.world_size, env.local_world_size, env.device.type)
-        trainer = Trainer(cfg, env, args.run_dir, plan)
-        if args.init_from:
-            trainer.init_from(checkpoint.resolve(args.init_from))
-        if args.resume:
-            found = checkpoint.complete_checkpoints(Path(args.run_dir) / "checkpoints")
-            if found:
-                trainer.resume(found[-1])
-            elif env.is_main:
-                logging.info("--resume: no complete checkpoint in %s, starting fresh", args.run_dir)
-        results = trainer.fit()
-        if env.is_main:
-            _print_metrics(results, Path(args.run_dir) / "metrics.json")
-    finally:
-        shutdown()
+    results = train(args.config, args.set, args.run_dir, args.resume, args.init_from, args.plan, args.overwrite)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print_metrics(results, Path(args.run_dir) / "metrics.json")
 
 
 def _eval(args: argparse.Namespace) -> None:
-    import json
+    splits = args.splits.split(",") if args.splits else None
+    results = evaluate(args.config, args.set, args.checkpoint, args.run_dir, splits)
+    if int(os.environ.get("RANK", "0")) == 0:
+        from trec_rank.runtime.checkpoint import resolve
 
-    if _is_retrieval(args.config):
-        from trec_rank.retrieval import cli as retrieval
-
-        if args.splits:
-            raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
-        retrieval.evaluate(args.config, args.set, args.checkpoint, args.run_dir)
-        return
-
-    from trec_rank.config.experiment import load_config
-    from trec_rank.parallel.env import init_distributed, shutdown
-    from trec_rank.train import checkpoint
-    from trec_rank.train.build import build_train_model, open_split, schema_fingerprint
-    from trec_rank.train.loop import evaluate
-
-    cfg = load_config(args.config, args.set)
-    ckpt = checkpoint.resolve(args.checkpoint)
-    state = checkpoint.read_state(ckpt)
-    if state["fingerprint"] != schema_fingerprint(cfg):
-        raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model than {args.config}")
-    env = init_distributed(cfg.sharding.device)
-    try:
-        model = build_train_model(cfg, env)
-        checkpoint.load(ckpt, model, None)
-        splits = args.splits.split(",") if args.splits else cfg.data.eval_splits
-        results = {s: evaluate(model, open_split(cfg, s, env, train=False), cfg, env) for s in splits}
-        if env.is_main:
-            out = Path(args.run_dir or ckpt) / "metrics.json"
-            out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1, sort_keys=True))
-            _print_metrics(results, out)
-    finally:
-        shutdown()
+        _print_metrics(results, Path(args.run_dir or eval_dir(resolve(args.checkpoint))) / "metrics.json")
 
 
 def _print_metrics(results: dict, path: Path) -> None:
@@ -159,7 +196,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiment YAML (see configs/)")
     t.add_argument("--run-dir", "--out", dest="run_dir", required=True,
                    help="RUN_DIR: where checkpoints, TensorBoard logs, metrics.json and throughput.json go")
-    t.add_argument("--resume", action="store_true", help="continue from the latest complete checkpoint")
+    t.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its latest complete "
+                   "checkpoint (a RUN_DIR holding a run is refused without --resume or --overwrite)")
+    t.add_argument("--overwrite", action="store_true", help="replace the run RUN_DIR holds (its checkpoints, "
+                   "metrics, TensorBoard logs) with a new one")
     t.add_argument("--init-from", metavar="CKPT", help="start from these weights (checkpoint or run dir), "
                    "with fresh optimizer state and step 0; --resume wins when RUN_DIR has a checkpoint")
     t.add_argument("--plan", help="sharding plan JSON from `trec-rank plan --out` (default: plan collectively)")
@@ -169,7 +209,8 @@ def parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="evaluate a checkpoint on the eval splits; writes metrics.json")
     e.add_argument("config", help="experiment YAML the checkpoint was trained with")
     e.add_argument("--checkpoint", required=True, help="checkpoint dir, or a run dir (its latest checkpoint)")
-    e.add_argument("--run-dir", help="where metrics.json goes (default: the checkpoint dir)")
+    e.add_argument("--run-dir", help="where metrics.json goes (default: RUN_DIR/eval/step-N/ of the checkpoint's "
+                   "run, outside checkpoints/ so rotation never removes it)")
     e.add_argument("--splits", help="comma-separated splits (default: data.eval_splits)")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=EVAL_SET_HELP)
     e.set_defaults(func=_eval)
@@ -178,23 +219,39 @@ def parser() -> argparse.ArgumentParser:
     from trec_rank.report import add_subcommand as add_report
     from trec_rank.score.cli import add_subcommand as add_score
 
-    add_plan(sub)
+    add_plan(sub, load_job)
     add_score(sub)
     add_report(sub)
     return p
 
 
+def _output(verbose: bool) -> None:
+    """Our INFO lines (rank 0 only under torchrun: progress and summaries once) and our warnings;
+    third-party warnings and logs (planner, DDP, ShardedTensor deprecations, fbgemm's per-table INFO)
+    only with -v, since a user cannot act on them."""
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    logging.basicConfig(level=logging.WARNING if verbose else logging.ERROR,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if not verbose:  # torch resets its loggers when imported (after this): ask it for errors only
+        os.environ.setdefault("TORCH_LOGS", "-all")
+    ours = logging.DEBUG if verbose else logging.INFO
+    logging.getLogger("trec_rank").setLevel(ours if main_rank else logging.WARNING)
+    if not verbose:  # ours are log lines (trec_rank loggers), never Python warnings
+        warnings.filterwarnings("ignore")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    # fbgemm and torchrec log every table at INFO on the root logger: keep ours at INFO only.
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("trec_rank").setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    _output(args.verbose)
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and DataError are ValueErrors
         if args.verbose:
             raise
         return _fail(str(err), 2)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second one: no traceback
+        print("interrupted", file=sys.stderr)
+        return 130
     except Exception as err:
         # Nothing heavy is imported before the command runs, so `data` and `--help` work on a node
         # whose CUDA install cannot load (no NVIDIA driver); the commands that need torchrec say why.
@@ -202,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
 
         if (why := missing_driver(err)) is not None:
             return _fail(why, 2)
-        from trec_rank.train.loop import NonFiniteLoss
+        from trec_rank.runtime.run import Interrupted, NonFiniteLoss
 
+        if isinstance(err, Interrupted):  # SIGTERM/SIGINT: every rank stopped after a checkpoint
+            if int(os.environ.get("RANK", "0")) == 0:
+                print(err, file=sys.stderr)
+            return 128 + err.signum
         if not isinstance(err, NonFiniteLoss):
             record_failure(err)
             raise

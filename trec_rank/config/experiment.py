@@ -35,8 +35,8 @@ class DataConfig:
         check_min(self, key, 1, "batch_size", "eval_batch_size", "shuffle_buffer")
         check_min(self, key, 0, "num_workers")
 
-    def split_path(self, split: str, base: Path | None = None) -> Path:  # noqa: ARG002
-        """`path` is resolved at load; `base` is ignored and goes once the trainers stop passing it."""
+    def split_path(self, split: str) -> Path:
+        """`path` was resolved at load (relative to the config file where that is where it exists)."""
         return Path(self.path) / split
 
 

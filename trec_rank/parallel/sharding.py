@@ -8,6 +8,7 @@ optimizer changes the memory plan: Adam keeps ~3x the state of row-wise Adagrad)
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -32,13 +33,26 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
-from trec_rank.config.experiment import ExperimentConfig, OptimConfig
+from trec_rank.config.experiment import OptimConfig, ShardingConfig
+from trec_rank.config.schema import Schema
+from trec_rank.parallel.env import device_total_bytes, planner_hbm_gib
 
 GIB = 1024**3
-# fbgemm's CPU TBE implements only these in-backward optimizers (see shared notes).
+# fbgemm's CPU TBE implements only these in-backward optimizers.
 CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 # Sharding types in order of preference when the planner's costs tie (simplest layout first).
 DEFAULT_ORDER = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+
+
+@dataclass(frozen=True)
+class ShardingInputs:
+    """What planning and sharding read from a job's config, whatever its kind: the tables and the
+    features reading them (pooling factors, sequence vs pooled), per-table constraints and
+    capacities, and the per-rank batch size the planner sizes buffers and communication for."""
+
+    schema: Schema
+    sharding: ShardingConfig
+    batch_size: int
 
 
 def sparse_optimizer(cfg: OptimConfig, device_type: str) -> tuple[type, dict]:
@@ -70,7 +84,7 @@ def sharders() -> list[ModuleSharder]:
     return [EmbeddingBagCollectionSharder(), EmbeddingCollectionSharder()]
 
 
-def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterConstraints]:
+def constraints(inputs: ShardingInputs, device_type: str) -> dict[str, ParameterConstraints]:
     """Per-table planner constraints: config first, then the defaults that keep training well defined.
 
     data_parallel only where the config allows it: a DP table is trained by the dense optimizer
@@ -79,13 +93,13 @@ def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterC
     kernel on CPU: the fbgemm CPU kernel pools what it must not (torchrec#1255, FBGEMM#4586).
     Pooling factors tell the planner how many ids a sample brings per feature (max_len for histories).
     """
-    schema, out = cfg.schema, {}
+    schema, out = inputs.schema, {}
     seq_tables = {t.name for t in schema.sequence_tables}
     for table in schema.tables:
         feats = [f for f in schema.features if f.table == table.name]
         if not feats:
             continue
-        user = cfg.sharding.constraints.get(table.name)
+        user = inputs.sharding.constraints.get(table.name)
         types = list(user.sharding_types) if user and user.sharding_types else None
         kernels = list(user.compute_kernels) if user and user.compute_kernels else None
         if types is None:
@@ -104,10 +118,10 @@ def constraints(cfg: ExperimentConfig, device_type: str) -> dict[str, ParameterC
     return out
 
 
-def topology(cfg: ExperimentConfig, world_size: int, local_world_size: int, device_type: str,
+def topology(sharding: ShardingConfig, world_size: int, local_world_size: int, device_type: str,
              hbm_gb: float | None = None, ddr_gb: float | None = None) -> Topology:
-    hbm = hbm_gb if hbm_gb is not None else cfg.sharding.hbm_gb
-    ddr = ddr_gb if ddr_gb is not None else cfg.sharding.ddr_gb
+    hbm = planner_hbm_gib(hbm_gb, sharding.hbm_gb, device_total_bytes(device_type))
+    ddr = ddr_gb if ddr_gb is not None else sharding.ddr_gb
     hardware = HardwareConfig(**({"hbm_cap_bytes": int(hbm * GIB)} if hbm is not None else {}),
                               **({"ddr_cap_bytes": int(ddr * GIB)} if ddr is not None else {}))
     return TopologyFactory.create_topology(
@@ -139,10 +153,10 @@ class OrderedEnumerator(EmbeddingEnumerator):
         return sorted(options, key=key)
 
 
-def planner(cfg: ExperimentConfig, topo: Topology, device_type: str, batch_size: int | None = None,
+def planner(inputs: ShardingInputs, topo: Topology, device_type: str, batch_size: int | None = None,
             stats: list | None = None) -> EmbeddingShardingPlanner:
-    cons = constraints(cfg, device_type)
-    batch_size = batch_size or cfg.data.batch_size
+    cons = constraints(inputs, device_type)
+    batch_size = batch_size or inputs.batch_size
     return EmbeddingShardingPlanner(
         topology=topo, batch_size=batch_size, constraints=cons,
         enumerator=OrderedEnumerator(topology=topo, batch_size=batch_size, constraints=cons),
@@ -150,14 +164,14 @@ def planner(cfg: ExperimentConfig, topo: Topology, device_type: str, batch_size:
         **({"stats": stats} if stats is not None else {}))
 
 
-def shard(model: nn.Module, cfg: ExperimentConfig, device: torch.device,
+def shard(model: nn.Module, inputs: ShardingInputs, device: torch.device,
           plan: ShardingPlan | None = None) -> DistributedModelParallel:
     """Plan collectively (rank 0 plans, all receive) unless a plan is given, then wrap in DMP."""
     world = dist.get_world_size()
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     if plan is None:
-        topo = topology(cfg, world, local_world, device.type)
-        plan = planner(cfg, topo, device.type).collective_plan(model, sharders(), dist.GroupMember.WORLD)
+        topo = topology(inputs.sharding, world, local_world, device.type)
+        plan = planner(inputs, topo, device.type).collective_plan(model, sharders(), dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(),
                                    env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))
     ddp = dmp._dmp_wrapped_module

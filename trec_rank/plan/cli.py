@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -34,8 +35,9 @@ SPEC_KEYS: dict[str, tuple[str, type]] = {"ws": ("world_size", int), "lws": ("lo
                                           "ddr": ("ddr_gb", float), "bs": ("batch_size", int)}
 
 
-def add_subcommand(sub: Any) -> None:
-    """Register `plan` on trec-rank's subparsers (`sub` from ArgumentParser.add_subparsers())."""
+def add_subcommand(sub: Any, load_job: Callable[[str, list[str]], tuple[Any, Any]]) -> None:
+    """Register `plan` on trec-rank's subparsers (`sub` from ArgumentParser.add_subparsers());
+    `load_job(config, overrides)` gives the (config, ModelSpec) of a ranking or retrieval config."""
     p = sub.add_parser("plan", help="sharding plan for any cluster, from one process (what-if, --out plan.json)",
                        description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("config", help="experiment YAML; its data is never opened")
@@ -69,7 +71,7 @@ def add_subcommand(sub: Any) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set data.batch_size=2048 (repeatable; value parsed "
                         "as YAML); the plan's fingerprint follows the changed tables")
-    p.set_defaults(func=run)
+    p.set_defaults(func=lambda args: run(args, load_job(args.config, args.set)[1]))
 
 
 def parse_spec(spec: str) -> dict[str, Any]:
@@ -99,21 +101,21 @@ def _cluster(fields: dict[str, Any]):  # noqa: ANN202 (Cluster import is deferre
     return Cluster(**fields)
 
 
-def run(args: argparse.Namespace) -> None:
-    from trec_rank.config.experiment import load_config
+def run(args: argparse.Namespace, spec: Any) -> None:
+    """Plan `spec` (a trec_rank.runtime.model.ModelSpec) for the clusters the arguments name."""
     from trec_rank.plan.fingerprint import plan_inputs
     from trec_rank.plan.io import save_plan
     from trec_rank.plan.planning import plan_cluster
     from trec_rank.plan.report import render_compare, render_text, summary, to_json
 
-    cfg = load_config(args.config, args.set)
+    device = spec.inputs.sharding.device
     base = {"world_size": args.world_size, "local_world_size": args.local_world_size,
-            "device": args.device or (None if cfg.sharding.device == "auto" else cfg.sharding.device),
+            "device": args.device or (None if device == "auto" else device),
             "hbm_gb": args.hbm_gb, "ddr_gb": args.ddr_gb, "batch_size": args.batch_size}
     clusters = [_cluster({**base, **parse_spec(s)}) for s in args.compare] if args.compare else [_cluster(base)]
     if args.out and args.compare:
         raise ValueError("--out writes one plan: drop --compare, or plan the chosen cluster again with --out")
-    results = [plan_cluster(cfg, c) for c in clusters]
+    results = [plan_cluster(spec, c) for c in clusters]
     if args.compare:
         print(json.dumps([summary(r) for r in results], indent=1) if args.format == "json"
               else render_compare(results))
@@ -130,5 +132,5 @@ def run(args: argparse.Namespace) -> None:
         inputs = plan_inputs(result.model, c.world_size, c.local_world_size, c.device)
         save_plan(args.out, result.plan, inputs, {"planned_for": {
             "config": args.config, "overrides": args.set, "cluster": asdict(c), "batch_size": result.batch_size,
-            "sparse_optimizer": cfg.train.optim.sparse}, "summary": summary(result)})
+            "sparse_optimizer": spec.optim.sparse}, "summary": summary(result)})
         print(f"plan written to {args.out}", file=sys.stderr)

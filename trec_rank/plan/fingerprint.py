@@ -13,23 +13,10 @@ import hashlib
 import json
 from typing import Any
 
-import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 
-from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.models.ranking import TrainWrapper
-from trec_rank.models.registry import build_model
 from trec_rank.parallel.sharding import sharders
-
-
-def planning_model(cfg: ExperimentConfig) -> nn.Module:
-    """The module DMP wraps in training (TrainWrapper around the ranking model), on `meta`.
-
-    Plans are keyed by module path ("model.ebc"), so this must be the trainer's exact wrapper;
-    on meta it costs nothing even for terabyte tables.
-    """
-    return TrainWrapper(build_model(cfg, torch.device("meta")), cfg.model.tasks, cfg.train.loss_weights)
 
 
 def table_shapes(model: nn.Module) -> dict[str, dict[str, list[int]]]:

@@ -25,8 +25,8 @@ from torchrec.distributed.types import (
     ShardingPlan,
 )
 
-from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.plan.fingerprint import differences, fingerprint, plan_inputs, planning_model
+from trec_rank.plan.fingerprint import differences, fingerprint, plan_inputs
+from trec_rank.runtime.model import ModelSpec
 
 FORMAT = "trec-rank-plan"
 VERSION = 1
@@ -110,11 +110,11 @@ def read_plan_file(path: str | Path) -> dict[str, Any]:
     return doc
 
 
-def load_plan(path: str | Path, cfg: ExperimentConfig, world_size: int, local_world_size: int,
+def load_plan(path: str | Path, spec: ModelSpec, world_size: int, local_world_size: int,
               device_type: str) -> ShardingPlan:
     """The plan in `path`, if it was made for this config's tables and this job's world and device."""
     doc = read_plan_file(path)
-    current = plan_inputs(planning_model(cfg), world_size, local_world_size, device_type)
+    current = plan_inputs(spec.build(), world_size, local_world_size, device_type)
     if doc.get("fingerprint") != fingerprint(current):
         diff = differences(doc.get("inputs", {}), current) or ["(plan inputs were edited)"]
         raise ValueError(f"{path}: plan does not match this job (fingerprint {doc.get('fingerprint')} != "

@@ -29,10 +29,8 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ShardingPlan
 
-from trec_rank.config.experiment import ExperimentConfig
-from trec_rank.parallel.env import device_total_bytes, planner_hbm_gib
-from trec_rank.parallel.sharding import planner, sharders, tag_sparse_optimizer, topology
-from trec_rank.plan.fingerprint import planning_model
+from trec_rank.parallel.sharding import planner, sharders, topology
+from trec_rank.runtime.model import ModelSpec, planning_model
 
 DEVICES = ("cuda", "cpu")
 
@@ -150,19 +148,17 @@ def _no_combination(err: RuntimeError, cluster: Cluster) -> ValueError | None:
                       f"{cluster.device} ({sharder} offers {', '.join(offered)} there; caching kernels need cuda)")
 
 
-def plan_cluster(cfg: ExperimentConfig, cluster: Cluster) -> PlanResult:
+def plan_cluster(spec: ModelSpec, cluster: Cluster) -> PlanResult:
     """Run the trainer's planner for `cluster`; a model that does not fit gives `plan=None`."""
-    model = planning_model(cfg)
-    tag_sparse_optimizer(model, cfg.train.optim, cluster.device)
-    hbm_gb = planner_hbm_gib(cluster.hbm_gb, cfg.sharding.hbm_gb, device_total_bytes(cluster.device))
-    topo = topology(cfg, cluster.world_size, cluster.local_world_size, cluster.device,
-                    hbm_gb=hbm_gb, ddr_gb=cluster.ddr_gb)
-    batch_size = cluster.batch_size or cfg.data.batch_size
+    model = planning_model(spec, cluster.device)
+    topo = topology(spec.inputs.sharding, cluster.world_size, cluster.local_world_size, cluster.device,
+                    hbm_gb=cluster.hbm_gb, ddr_gb=cluster.ddr_gb)
+    batch_size = cluster.batch_size or spec.inputs.batch_size
     capture = CapturePlan()
     result = PlanResult(cluster=cluster, model=model, topology=topo, batch_size=batch_size, seconds=0.0)
     start = time.perf_counter()
     with _quiet_planner():
-        planner_ = planner(cfg, topo, cluster.device, batch_size=batch_size, stats=[capture])
+        planner_ = planner(spec.inputs, topo, cluster.device, batch_size=batch_size, stats=[capture])
         try:
             result.plan = planner_.plan(model, sharders())
         except PlannerError as err:

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from trec_rank.config.encoder import HSTUConfig
-from trec_rank.config.experiment import DataConfig, ExperimentConfig, OptimConfig, ShardingConfig, TableConstraint
-from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
+from trec_rank.config.experiment import OptimConfig, ShardingConfig
 from trec_rank.config.typed import ConfigError, beside_config, check_min, from_dict, load_file, read_yaml, to_dict
 from trec_rank.models.sasrec import SASRecConfig
 
@@ -137,21 +136,6 @@ class RetrievalConfig:
             if bad:
                 raise ConfigError(f"sharding.constraints.{table}.sharding_types: {sorted(bad)} not allowed for the "
                                   f"item EmbeddingCollection (use {', '.join(ITEM_SHARDING)})")
-
-    def planning_view(self) -> ExperimentConfig:
-        """What trec_rank.parallel.sharding reads (schema, sharding, batch size), built from this config.
-
-        The item table is read by two features: `seq` (each user's tokens, a sequence of up to
-        max_seq_len + 1 ids) and `neg` (the step's sampled candidates), so it lives in an
-        EmbeddingCollection and gets the sequence-table constraints (TW/RW/CW, fused, never DP on CPU).
-        """
-        seq = FeatureConfig("seq", "sequence", table=ITEM_TABLE, max_len=self.data.max_seq_len + 1)
-        schema = Schema(tables=[TableConfig(ITEM_TABLE, self.item.num_embeddings, self.item.embedding_dim)],
-                        features=[seq, FeatureConfig("neg", "sparse", table=ITEM_TABLE)])
-        constraints = dict(self.sharding.constraints)
-        constraints.setdefault(ITEM_TABLE, TableConstraint(sharding_types=list(ITEM_SHARDING)))
-        return ExperimentConfig(data=DataConfig(path=self.data.path, batch_size=self.data.batch_size),
-                                schema=schema, sharding=replace(self.sharding, constraints=constraints))
 
     def fingerprint(self) -> str:
         """Hash of what checkpoint tensors depend on (table shape, encoder and its params, max length)."""

@@ -20,71 +20,59 @@ reached and never removed by the rotation, so it can be evaluated or scored afte
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from torchrec.distributed.model_parallel import DistributedModelParallel
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
-from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
-from torchrec.optim.optimizers import in_backward_optimizer_filter
+from torchrec.distributed.types import ShardingPlan
 
+from trec_rank.config.experiment import TableConstraint
+from trec_rank.config.schema import FeatureConfig, Schema, TableConfig
 from trec_rank.config.typed import to_dict
 from trec_rank.parallel.env import DistEnv
-from trec_rank.parallel.sharding import shard, tag_sparse_optimizer
+from trec_rank.parallel.sharding import ShardingInputs
 from trec_rank.retrieval.batch import NegativeSampler, RetrievalBatch, train_batch
-from trec_rank.retrieval.config import RetrievalConfig, RetrievalTrain
+from trec_rank.retrieval.config import ITEM_SHARDING, ITEM_TABLE, RetrievalConfig
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.evaluate import evaluate_split
 from trec_rank.retrieval.model import build_retrieval_model
-from trec_rank.train import checkpoint
+from trec_rank.runtime.model import ModelSpec, build_optimizer, shard_model
+from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("valid", "test")
 BEST_DIR = "best"  # RUN_DIR/best/step-N: the best validation epoch's checkpoint
 
 
-def data_path(cfg: RetrievalConfig) -> Path:
-    """data.path as given, or relative to the config file's directory when that is where it exists."""
-    path = Path(cfg.data.path)
-    source = getattr(cfg, "source", None)
-    if not path.is_absolute() and not path.exists() and source:
-        path = Path(source).parent / path
-    return path
+def retrieval_spec(cfg: RetrievalConfig) -> ModelSpec:
+    """What planning, sharding and checkpoints see of a retrieval model.
 
-
-def build_sharded_model(cfg: RetrievalConfig, env: DistEnv) -> DistributedModelParallel:
-    torch.manual_seed(cfg.train.seed)  # same dense init on every rank (DDP also broadcasts rank 0's)
-    model = build_retrieval_model(cfg, torch.device("meta"))
-    tag_sparse_optimizer(model, cfg.train.optim, env.device.type)
-    return shard(model, cfg.planning_view(), env.device)
-
-
-def build_optimizer(dmp: DistributedModelParallel, tc: RetrievalTrain) -> CombinedOptimizer:
-    """The table's fused optimizer + one for the dense parameters (tables filtered out: no double update)."""
-    o = tc.optim
-
-    def make(params):  # noqa: ANN001, ANN202
-        if o.dense == "sgd":
-            return torch.optim.SGD(params, lr=o.dense_lr, weight_decay=o.weight_decay)
-        cls = torch.optim.AdamW if o.dense == "adamw" else torch.optim.Adam
-        return cls(params, lr=o.dense_lr, betas=tuple(tc.adam_betas), eps=o.eps, weight_decay=o.weight_decay)
-
-    dense = KeyedOptimizerWrapper(dict(in_backward_optimizer_filter(dmp.named_parameters())), make)
-    dense.init_state()  # materialise lazy Adam state so a checkpoint can be loaded into it
-    return CombinedOptimizer([dmp.fused_optimizer, dense])
+    The item table is read by two features: `seq` (each user's tokens, a sequence of up to
+    max_seq_len + 1 ids) and `neg` (the step's sampled candidates), so it lives in an
+    EmbeddingCollection and gets the sequence-table constraints (TW/RW/CW, fused, never DP on CPU).
+    """
+    seq = FeatureConfig("seq", "sequence", table=ITEM_TABLE, max_len=cfg.data.max_seq_len + 1)
+    schema = Schema(tables=[TableConfig(ITEM_TABLE, cfg.item.num_embeddings, cfg.item.embedding_dim)],
+                    features=[seq, FeatureConfig("neg", "sparse", table=ITEM_TABLE)])
+    constraints = dict(cfg.sharding.constraints)
+    constraints.setdefault(ITEM_TABLE, TableConstraint(sharding_types=list(ITEM_SHARDING)))
+    inputs = ShardingInputs(schema, replace(cfg.sharding, constraints=constraints), cfg.data.batch_size)
+    return ModelSpec(build=lambda: build_retrieval_model(cfg, torch.device("meta")), optim=cfg.train.optim,
+                     inputs=inputs, fingerprint=cfg.fingerprint(), seed=cfg.train.seed,
+                     adam_betas=tuple(cfg.train.adam_betas))
 
 
 class RetrievalTrainer:
-    def __init__(self, cfg: RetrievalConfig, env: DistEnv, run_dir: str | Path) -> None:
+    def __init__(self, cfg: RetrievalConfig, env: DistEnv, run_dir: str | Path, plan: ShardingPlan | None = None
+                 ) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         d = cfg.data
-        seqs = read_sequences(data_path(cfg), d.items_column, d.time_column, cfg.item.num_embeddings)
+        seqs = read_sequences(Path(cfg.data.path), d.items_column, d.time_column, cfg.item.num_embeddings)
         self.corpus = seqs.corpus()
         rank, world = env.rank, env.world_size
         self.train_reader = SplitReader(seqs, "train", cfg, d.batch_size, rank, world, shuffle=True)
@@ -92,46 +80,35 @@ class RetrievalTrainer:
                              for s in EVAL_SPLITS}
         self.sampler = NegativeSampler(self.corpus, cfg.loss.num_negatives, cfg.loss.sampler,
                                        cfg.item.num_embeddings, d.seed)
-        self.model = build_sharded_model(cfg, env)
-        self.optimizer = build_optimizer(self.model, cfg.train)
-        self.step, self.epoch, self.batch_in_epoch, self.bad_epochs, self.saved_step = 0, 0, 0, 0, -1
+        spec = retrieval_spec(cfg)
+        self.model = shard_model(spec, env, plan)
+        self.optimizer = build_optimizer(self.model, spec)
+        self.step, self.epoch, self.batch_in_epoch, self.bad_epochs, self.eval_pending = 0, 0, 0, 0, False
         self.best: dict = {}  # {"epoch", "step", "valid", "test"} of the best validation so far
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self.run = Run(run_dir, env, spec, to_dict(cfg), cfg.source or "the config")
 
     # ---- checkpoints ------------------------------------------------------------------------
     def save(self) -> Path:
-        return self.save_to(self.run_dir / "checkpoints", self.cfg.train.keep_checkpoints)
+        return self.save_to("checkpoints", self.cfg.train.keep_checkpoints)
 
-    def save_to(self, root: Path, keep: int) -> Path:
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "bad_epochs": self.bad_epochs, "best": self.best, "world_size": self.env.world_size,
-                 "fingerprint": self.cfg.fingerprint(), "kind": "retrieval", "config": to_dict(self.cfg)}
-        self.saved_step = self.step
-        return checkpoint.save(root, self.step, self.model, self.optimizer, state, keep)
+    def save_to(self, root: str, keep: int) -> Path:
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "bad_epochs": self.bad_epochs,
+                 "best": self.best, "kind": "retrieval", "eval_pending": self.eval_pending}
+        return self.run.save(self.step, self.model, self.optimizer, state, keep, root)
 
     def save_best(self) -> Path:
         """The best validation epoch's checkpoint, outside checkpoints/ so rotation never removes it."""
-        path = self.save_to(self.run_dir / BEST_DIR, keep=1)
-        if self.env.is_main:
-            best = {"epoch": self.best["epoch"], "step": self.best["step"],
-                    "checkpoint": str(path.relative_to(self.run_dir)),
-                    "early_stop_metric": self.cfg.eval.early_stop_metric}
-            (self.run_dir / "best.json").write_text(json.dumps(best, indent=1, sort_keys=True))
+        path = self.save_to(BEST_DIR, keep=1)
+        self.run.write_json("best.json", {"epoch": self.best["epoch"], "step": self.best["step"],
+                                          "checkpoint": str(path.relative_to(self.run_dir)),
+                                          "early_stop_metric": self.cfg.eval.early_stop_metric})
         return path
 
     def resume(self, ckpt: Path) -> None:
-        state = checkpoint.read_state(ckpt)
-        if state.get("fingerprint") != self.cfg.fingerprint():
-            raise ValueError(f"{ckpt}: checkpoint was trained with another item table/model "
-                             f"(fingerprint {state.get('fingerprint')} != {self.cfg.fingerprint()})")
-        checkpoint.load(ckpt, self.model, self.optimizer)
+        state = self.run.load(ckpt, self.model, self.optimizer)
         for key in ("step", "epoch", "batch_in_epoch", "bad_epochs", "best"):
             setattr(self, key, state[key])
-        self.saved_step = self.step
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch,
-                 self.batch_in_epoch)
+        self.eval_pending = state.get("eval_pending", False)
 
     # ---- evaluation -------------------------------------------------------------------------
     def evaluate(self) -> dict[str, dict[str, float]]:
@@ -153,8 +130,7 @@ class RetrievalTrainer:
             log.info("epoch %d step %d: valid %s=%.4f hr@10=%.4f | test %s=%.4f | best valid %.4f (epoch %d)",
                      self.epoch, self.step, key, valid[key], valid.get("hr@10", math.nan), key, test[key],
                      self.best["valid"][key], self.best["epoch"])
-            with open(self.run_dir / "metrics_history.jsonl", "a") as f:
-                f.write(json.dumps({"epoch": self.epoch, "step": self.step, **results}) + "\n")
+        self.run.append_history({"epoch": self.epoch, "step": self.step, **results})
         return improved
 
     # ---- training ---------------------------------------------------------------------------
@@ -165,30 +141,40 @@ class RetrievalTrainer:
     def _step_limit_hit(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.step
 
-    def _train_epoch(self) -> bool:
+    def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
+        """The one host sync of a logging interval (NaN check, stop request), on every rank alike."""
+        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+        self.run.start()
+        if signum:
+            if self.run.saved_step != self.step:
+                self.save()
+            raise Interrupted(self.step, signum)
+        return mean
+
+    def _train_epoch(self, stop: StopSignal | None) -> bool:
         """Steps until the epoch ends (True) or max_steps is hit (False)."""
         tc, t0, n0 = self.cfg.train, time.perf_counter(), self.step
         pipeline = TrainPipelineSparseDist(self.model, self.optimizer, self.env.device)
-        batches = self._batches()
+        batches, window = self._batches(), StepWindow()
         try:
             while not self._step_limit_hit():
                 try:  # progress() runs forward, backward and both optimizers
                     (loss,) = pipeline.progress(batches)
                 except StopIteration:
+                    pipeline.detach()
+                    self._sync(window, stop)
                     return True
                 self.step += 1
                 self.batch_in_epoch += 1
-                value = loss.detach().clone()
-                if dist.is_initialized():
-                    dist.all_reduce(value)
-                if not math.isfinite(float(value)):
-                    raise RuntimeError(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                       f"{self.batch_in_epoch}); last good checkpoint kept in {self.run_dir}")
-                if self.env.is_main and self.step % tc.log_every == 0:
-                    rate = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
-                    log.info("step %d loss %.4f (%.2f steps/s)", self.step, float(value) / self.env.world_size,
-                             rate)
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
+                window.add(loss, self.step, self.epoch, self.batch_in_epoch, torch.zeros(0))
+                logs = self.step % tc.log_every == 0
+                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0
+                if logs or saves or self._step_limit_hit():
+                    mean = self._sync(window, stop)
+                    if logs and self.env.is_main:
+                        rate = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
+                        log.info("step %d loss %.4f (%.2f steps/s)", self.step, mean, rate)
+                if saves:
                     self.save()
             return False
         finally:
@@ -197,23 +183,29 @@ class RetrievalTrainer:
     def _stopped_early(self) -> bool:
         return 0 < self.cfg.train.patience <= self.bad_epochs
 
-    def fit(self) -> dict[str, dict]:
+    def _eval(self) -> None:
+        self.eval_pending = False
+        if self._track(self.evaluate()):
+            self.save_best()
+
+    def fit(self, stop: StopSignal | None = None) -> dict[str, dict]:
         """Train until epochs, max_steps or early stopping; returns (and writes) the best epoch's metrics."""
+        if self.eval_pending:  # resumed from a checkpoint saved right before its eval
+            self._eval()
         while self.epoch < self.cfg.train.epochs and not self._step_limit_hit() and not self._stopped_early():
-            if self._train_epoch():
+            if self._train_epoch(stop):
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-            if self._track(self.evaluate()):
-                self.save_best()
-            self.save()
+            self.eval_pending = True
+            self.save()  # before the eval: a failing eval loses nothing
+            self._eval()
         if self._stopped_early() and self.env.is_main:
             log.info("early stop: no better valid %s for %d evaluations", self.cfg.eval.early_stop_metric,
                      self.bad_epochs)
         if not self.best:  # resumed a finished run: evaluate what the checkpoint holds
             self._track(self.evaluate())
             self.save_best()
-        if self.saved_step != self.step:
+        if self.run.saved_step != self.step:
             self.save()
         results = {"valid": self.best["valid"], "test": self.best["test"]}
-        if self.env.is_main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+        self.run.write_json("metrics.json", results)
         return results

@@ -23,11 +23,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
+from torchmetrics.functional.classification import binary_auroc
 
 from trec_rank.config.experiment import ExperimentConfig
 from trec_rank.data.convert import DataError
 from trec_rank.data.dataset import ParquetDataset, list_parquet_files
 from trec_rank.parallel.env import DistEnv, init_distributed, shutdown
+from trec_rank.runtime import checkpoint
+from trec_rank.runtime.model import ranking_spec
 from trec_rank.score import model as scoring_model
 from trec_rank.score.loop import PassthroughReader, RankScorer, batches_for
 from trec_rank.score.output import (
@@ -40,9 +43,6 @@ from trec_rank.score.output import (
     read_job,
     read_window,
 )
-from trec_rank.train import checkpoint
-from trec_rank.train.build import schema_fingerprint
-from trec_rank.train.metrics import grouped_auc
 
 
 @dataclass
@@ -127,7 +127,7 @@ def _job(req: ScoreRequest, ds: ParquetDataset, part_rows: int, passthrough: lis
               "bytes": Path(f).stat().st_size} for f in ds.files]
     return {"format": 1, "input": {"path": str(root), "rows": ds.num_rows, "files": files},
             "part_rows": part_rows, "checkpoint": {"path": str(ckpt.resolve()), "step": step},
-            "fingerprint": schema_fingerprint(req.config), "passthrough": passthrough, "quantize": req.quantize}
+            "fingerprint": ranking_spec(req.config).fingerprint, "passthrough": passthrough, "quantize": req.quantize}
 
 
 def _plan_work(req: ScoreRequest, env: DistEnv, job: dict[str, Any]) -> dict[str, Any]:
@@ -135,17 +135,29 @@ def _plan_work(req: ScoreRequest, env: DistEnv, job: dict[str, Any]) -> dict[str
     out = Path(req.output)
     sharded = req.sharded or bool(req.plan)
     kind = scoring_model.choose_kind(req.config, env, sharded, req.quantize)  # may refuse: touch nothing yet
+    created = read_job(out) is None if out.is_dir() else True
     done, complete = prepare(out, job)
     pending = sorted(set(range(num_parts(job["input"]["rows"], job["part_rows"]))) - set(done))
     if pending and complete:  # a part vanished after success: the output is incomplete again
         (out / SUCCESS_FILE).unlink()
         complete = False
-    return {"pending": pending, "complete": complete, "kind": kind, "done": len(done)}
+    return {"pending": pending, "complete": complete, "kind": kind, "done": len(done), "created": created}
+
+
+def _forget_job(req: ScoreRequest) -> None:
+    """Rank 0, after a failure: a job record this run made but no part was written under is removed,
+    so a corrected rerun (another checkpoint, batch size, ...) is not refused as another job."""
+    out = Path(req.output)
+    if not any(out.glob("part-*.parquet")):
+        (out / JOB_FILE).unlink(missing_ok=True)
 
 
 def _auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    auc, _ = grouped_auc(np.zeros(len(labels), dtype=np.int64), scores.astype(np.float64), labels)
-    return float(auc[0]) if len(auc) else float("nan")
+    """Exact ROC AUC (ties count half); NaN when the rows hold one class only."""
+    y = torch.from_numpy(labels > 0.5)
+    if y.all() or not y.any():
+        return float("nan")
+    return float(binary_auroc(torch.from_numpy(scores.astype(np.float64)), y.long()))
 
 
 def _auc_change(gathered: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
@@ -197,18 +209,15 @@ def run(req: ScoreRequest) -> dict[str, Any] | None:
     if batch_size < 1 or (req.part_rows is not None and req.part_rows < 1):
         raise ValueError("--batch-size and --part-rows must be >= 1")
     ckpt = checkpoint.resolve(req.checkpoint)
-    state = checkpoint.read_state(ckpt)
-    if state.get("fingerprint") != schema_fingerprint(cfg):
-        raise ValueError(f"--checkpoint {ckpt}: trained with another schema/model than "
-                         f"{getattr(cfg, 'source', 'the config')} (fingerprint {state.get('fingerprint')} != "
-                         f"{schema_fingerprint(cfg)})")
+    spec = ranking_spec(cfg)
+    state = checkpoint.check(ckpt, spec.fingerprint, cfg.source or "the config")
     env = init_distributed(cfg.sharding.device)
     try:
         plan = None
         if req.plan:  # checked on every rank before anything is written; a plan means sharded scoring
             from trec_rank.plan.io import load_plan
 
-            plan = load_plan(req.plan, cfg, env.world_size, env.local_world_size, env.device.type)
+            plan = load_plan(req.plan, spec, env.world_size, env.local_world_size, env.device.type)
         settings = _from_rank0(env, lambda: _settings(req, batch_size))
         part_rows = settings["part_rows"]
         ds = ParquetDataset(req.input, cfg.schema, batch_size, shuffle=False, drop_last=False,
@@ -218,10 +227,15 @@ def run(req: ScoreRequest) -> dict[str, Any] | None:
         work = _from_rank0(env, lambda: _plan_work(req, env, job))
         if work["complete"]:
             return _already_complete(req) if env.is_main else None
-        model = scoring_model.load(cfg, env, ckpt, work["kind"], plan, keep_reference=settings["with_labels"])
-        dist.barrier()  # time the scoring itself, from a common start
-        t_loop = time.perf_counter()
-        gathered = _score_rank(req, env, ds, model, part_rows, settings["passthrough"], work["pending"])
+        try:
+            model = scoring_model.load(cfg, env, ckpt, work["kind"], plan, keep_reference=settings["with_labels"])
+            dist.barrier()  # time the scoring itself, from a common start
+            t_loop = time.perf_counter()
+            gathered = _score_rank(req, env, ds, model, part_rows, settings["passthrough"], work["pending"])
+        except BaseException:
+            if env.is_main and work["created"]:
+                _forget_job(req)
+            raise
         if gathered is None:
             return None
         seconds, scored = time.perf_counter() - t_loop, sum(g["rows"] for g in gathered)

@@ -6,7 +6,7 @@ Which one is decided once on rank 0 (and broadcast, so all ranks agree):
 - sharded: `--sharded` or `--plan`, or automatically when the fp32 table bytes times the processes sharing one
   memory (local_world_size on CPU, 1 per GPU) exceed MEMORY_FRACTION of what is available there
   (MemAvailable; the GPU's free memory), as seen by rank 0 at start-up. The training path builds it
-  (`build_train_model`: planner or `--plan`, DMP) and `checkpoint.load` fills it without an optimizer.
+  (`runtime.model.shard_model`: planner or `--plan`, DMP) and `checkpoint.load` fills it without an optimizer.
   Sharded embeddings exchange data on every forward, so ranks score in lockstep.
 - int8 (`--quantize int8`): the unsharded model with its EmbeddingBagCollection/EmbeddingCollection
   swapped for TorchRec's int8 modules (`quantize_inference_model`, row-wise scale and bias). TorchRec
@@ -40,7 +40,8 @@ from trec_rank.data.batch import Batch
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.registry import build_model
 from trec_rank.parallel.env import DistEnv
-from trec_rank.train.safe_dcp import SafeFileSystemReader
+from trec_rank.runtime.checkpoint import damaged_file
+from trec_rank.runtime.safe_dcp import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 MEMORY_FRACTION = 0.5  # leave half of the memory to batches, the fp32->int8 copy and the OS page cache
@@ -103,7 +104,8 @@ def load_unsharded(cfg: ExperimentConfig, ckpt: Path, device: torch.device) -> n
         dcp.load({"model": state}, storage_reader=SafeFileSystemReader(str(ckpt)), no_dist=True)
     except CheckpointException as err:
         first = str(err).strip().splitlines()[-1][:300]
-        raise ValueError(f"--checkpoint {ckpt}: does not hold this model's weights ({first})") from None
+        raise ValueError(damaged_file(ckpt) or f"--checkpoint {ckpt}: does not hold this model's weights ({first})"
+                         ) from None
     model.load_state_dict({k[len(WRAPPER_PREFIX):]: v for k, v in state.items()})
     return model.eval()
 
@@ -111,10 +113,10 @@ def load_unsharded(cfg: ExperimentConfig, ckpt: Path, device: torch.device) -> n
 def load_sharded(cfg: ExperimentConfig, env: DistEnv, ckpt: Path, plan: ShardingPlan | None) -> Forward:
     """DMP over the scoring ranks, as in training (`plan` None: plan collectively); returns the serving
     forward (no loss, so no labels needed)."""
-    from trec_rank.train import checkpoint
-    from trec_rank.train.build import build_train_model
+    from trec_rank.runtime import checkpoint
+    from trec_rank.runtime.model import ranking_spec, shard_model
 
-    dmp = build_train_model(cfg, env, plan)
+    dmp = shard_model(ranking_spec(cfg), env, plan)
     checkpoint.load(ckpt, dmp, None)
     dmp.eval()
     # TrainWrapper.forward needs labels for its loss; its `.model` is the serving model, with the

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
-import time
 from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,17 +23,15 @@ from trec_rank.config.experiment import ExperimentConfig
 from trec_rank.config.typed import to_dict
 from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
+from trec_rank.data.frequency import train_id_counts
 from trec_rank.parallel.env import DistEnv
-from trec_rank.train import checkpoint, faults
-from trec_rank.train.build import build_optimizer, build_train_model, group_ids, open_split, schema_fingerprint
+from trec_rank.runtime import faults
+from trec_rank.runtime.model import build_optimizer, ranking_spec, shard_model
+from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal, Stopwatch, all_finite
+from trec_rank.train.build import group_ids, open_split
 from trec_rank.train.metrics import EvalMetrics, subset_aucs
 
 log = logging.getLogger(__name__)
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped on a NaN/inf loss; the message names the step and the batch rows."""
-
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, env: DistEnv) -> dict[str, float]:
@@ -43,7 +39,9 @@ def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, 
     model.eval()
     metrics = EvalMetrics(cfg.model.tasks, ds.batch_size, env.world_size, env.rank, env.device,
                           window_rows=ds.num_rows, subsets=subset_aucs(cfg))
-    for batch in ds.lockstep():
+    bar = tqdm(ds.lockstep(), total=ds.max_batches(), desc="eval", unit="batch", leave=False, disable=not env.is_main,
+               dynamic_ncols=True)
+    for batch in bar:
         batch = batch.to(env.device, non_blocking=True)
         _, (_, logits, labels) = model(batch)
         metrics.update(logits, labels, batch.weights, group_ids(batch, cfg.data.group_by))
@@ -64,14 +62,6 @@ def average_buffers(model: torch.nn.Module) -> None:
         if buf.is_floating_point():
             dist.all_reduce(buf)
             buf /= world
-
-
-def _all_true(flag: bool, device: torch.device) -> bool:
-    if dist.get_world_size() == 1:  # nothing to agree with: skip the per-step collective
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item() > 0)
 
 
 class _Feed:
@@ -97,60 +87,56 @@ class _Feed:
 class Trainer:
     def __init__(self, cfg: ExperimentConfig, env: DistEnv, run_dir: str | Path, plan=None) -> None:  # noqa: ANN001
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
-        self.model = build_train_model(cfg, env, plan)
-        self.optimizer = build_optimizer(self.model, cfg.train.optim)
+        spec = ranking_spec(cfg, train_id_counts(cfg))
+        self.model = shard_model(spec, env, plan)
+        self.optimizer = build_optimizer(self.model, spec)
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
-        self.step, self.epoch, self.batch_in_epoch, self.saved_step, self.eval_step = 0, 0, 0, -1, -1
+        self.step, self.epoch, self.batch_in_epoch, self.eval_step = 0, 0, 0, -1
+        self.eval_pending, self.samples, self.train_seconds, self.clock = False, 0, 0.0, Stopwatch()  # resume()
         self.pipeline: TrainPipelineSparseDist | None = None
         self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
         if cfg.train.log_rows:
             (self.run_dir / "rows").mkdir(parents=True, exist_ok=True)
             self.row_log = open(self.run_dir / "rows" / f"rank-{env.rank}.jsonl", "a", buffering=1)  # noqa: SIM115
-        self.writer = SummaryWriter(str(self.run_dir / "tb")) if env.is_main else None
-        if env.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.json").write_text(json.dumps(to_dict(cfg), indent=1))
+        self._writer: SummaryWriter | None = None
+        self.run = Run(run_dir, env, spec, to_dict(cfg), cfg.source or "the config")
+
+    @property
+    def writer(self) -> SummaryWriter:
+        """TensorBoard (rank 0), opened on first use; a resumed run drops the events after its checkpoint."""
+        if self._writer is None:
+            self._writer = SummaryWriter(str(self.run_dir / "tb"), purge_step=self.run.saved_step
+                                         if self.run.saved_step >= 0 else None)
+        return self._writer
 
     # ---- checkpoints ------------------------------------------------------------------------
-    def save(self) -> Path:
+    def save(self, eval_pending: bool = False) -> Path:
+        """`eval_pending`: an eval of this step runs right after the save (a resume redoes it)."""
         average_buffers(self.model)
-        state = {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                 "world_size": self.env.world_size, "fingerprint": schema_fingerprint(self.cfg),
-                 "tasks": self.cfg.model.tasks, "config": to_dict(self.cfg)}
-        self.saved_step = self.step
-        return checkpoint.save(self.run_dir / "checkpoints", self.step, self.model, self.optimizer, state,
-                               self.cfg.train.keep_checkpoints)
-
-    def _check(self, ckpt: Path) -> dict:
-        state = checkpoint.read_state(ckpt)
-        if state["fingerprint"] != schema_fingerprint(self.cfg):
-            raise ValueError(f"{ckpt}: checkpoint was trained with another schema/model "
-                             f"(fingerprint {state['fingerprint']} != {schema_fingerprint(self.cfg)})")
-        return state
-
-    def init_from(self, ckpt: Path) -> None:
-        """Warm start: the checkpoint's weights, fresh optimizer state, step 0 (fine-tuning, A/B inits)."""
-        self._check(ckpt)
-        checkpoint.load(ckpt, self.model, None)
-        log.info("initialised weights from %s", ckpt)
+        self.train_seconds = self.clock.seconds  # throughput.json: the training time up to the last checkpoint
+        state = {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "tasks": self.cfg.model.tasks,
+                 "eval_pending": eval_pending, "train_seconds": self.train_seconds, "samples": self.samples}
+        return self.run.save(self.step, self.model, self.optimizer, state, self.cfg.train.keep_checkpoints)
 
     def resume(self, ckpt: Path) -> None:
-        state = self._check(ckpt)
+        state = self.run.load(ckpt, self.model, self.optimizer)
         if state["world_size"] != self.env.world_size and state["batch_in_epoch"]:
             log.warning("resuming mid-epoch on %d ranks from a %d-rank run: the rest of the epoch is re-cut",
                         self.env.world_size, state["world_size"])
-        checkpoint.load(ckpt, self.model, self.optimizer)
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, self.step, self.epoch, self.batch_in_epoch)
+        self.eval_pending, self.samples = state.get("eval_pending", False), state.get("samples", 0)
+        self.train_seconds = state.get("train_seconds", 0.0)
+        self.clock = Stopwatch(self.train_seconds)
 
     # ---- evaluation -------------------------------------------------------------------------
     def run_eval(self) -> dict[str, dict[str, float]]:
+        faults.kill_if("eval", self.step, self.env.rank)
         average_buffers(self.model)
         if self.pipeline is not None:  # mid-epoch: the pipeline owns the sharded forwards until detached
             self.pipeline.detach()
         results = {split: evaluate(self.model, ds, self.cfg, self.env) for split, ds in self.eval_ds.items()}
-        self.eval_step = self.step
+        self.eval_step, self.eval_pending = self.step, False
         if self.pipeline is not None:
             self.pipeline.attach(self.model)
         if self.env.is_main:
@@ -159,8 +145,7 @@ class Trainer:
                     self.writer.add_scalar(f"{split}/{key}", value, self.step)
                 log.info("step %d %s: %s", self.step, split,
                          " ".join(f"{k}={v:.4f}" for k, v in values.items() if k.endswith(("auc", "logloss"))))
-            with open(self.run_dir / "metrics_history.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, **results}) + "\n")
+        self.run.append_history({"step": self.step, **results})
         return results
 
     # ---- training ---------------------------------------------------------------------------
@@ -176,82 +161,98 @@ class Trainer:
                     self.pipeline = None
                     return
                 yield loss
-        for batch in feed:
+        for batch in feed:  # the plain loop decides on every step, before the update (nan_policy)
             batch = batch.to(self.env.device, non_blocking=True)
             loss, _ = self.model(batch)
-            if not _all_true(bool(torch.isfinite(loss)), self.env.device):  # all ranks decide alike
+            if not all_finite(loss):  # all ranks decide alike
                 if self.cfg.train.nan_policy == "skip":
                     log.warning("step %d: non-finite loss, batch skipped", self.step + 1)
                     feed.in_flight.popleft()
                     self.batch_in_epoch += 1  # the batch is consumed: a resume must not see it again
                     continue
-                yield torch.tensor(float("nan"))  # fit() stops on it before any update is applied
+                self.force_sync = True  # fit() stops on it before any update is applied
+                yield torch.tensor(float("nan"))
                 continue
             self.optimizer.zero_grad()
             loss.backward()
             self.optimizer.step()
             yield loss.detach()
 
-    def fit(self) -> dict[str, dict[str, float]]:
+    def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
+        """The one host sync of a logging interval: NaN check and stop request, on every rank alike."""
+        self.force_sync = False
+        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
+        if signum:
+            if self.run.saved_step != self.step:
+                self.save()
+            raise Interrupted(self.step, signum)
+        return mean
+
+    def fit(self, stop: StopSignal | None = None) -> dict[str, dict[str, float]]:
         tc, main = self.cfg.train, self.env.is_main
         per_epoch = self.train_ds.max_batches()
         total = tc.epochs * per_epoch if tc.max_steps <= 0 else min(tc.max_steps, tc.epochs * per_epoch)
         bar = tqdm(total=total, initial=self.step, disable=not main, unit="step", dynamic_ncols=True)
         rows_per_step = self.train_ds.batch_size * self.env.world_size
         results: dict[str, dict[str, float]] = {}
-        first_step, train_s = self.step, 0.0
+        window, self.force_sync = StepWindow(), False
         self.model.train()
+        if self.eval_pending:  # resumed from a checkpoint saved right before its eval
+            results = self.run_eval()
+        self.clock.start_now()
         while self.epoch < tc.epochs and self.step < total:
             feed = _Feed(self.train_ds.lockstep(self.epoch, self.batch_in_epoch), self.step + 1, self.env.rank)
-            t0, n0 = time.perf_counter(), self.step
-            t_eval = 0.0  # time spent in evals and saves inside this epoch, not training
+            n0, t0 = self.step, self.clock.seconds
             for loss in self._steps(feed):
                 rows = feed.in_flight.popleft()
-                self.step += 1
-                self.batch_in_epoch += 1
-                value = float(loss)
-                if not _all_true(math.isfinite(value), self.env.device):
-                    span = f"{int(rows.min())}..{int(rows.max())}" if rows.numel() else "padding"
-                    raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch "
-                                        f"{self.batch_in_epoch}, dataset rows {span} on rank {self.env.rank}); "
-                                        f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-                if self.row_log is not None:
-                    entry = {"step": self.step, "loss": value, "rows": rows.tolist()}
+                self.step, self.batch_in_epoch, self.samples = self.step + 1, self.batch_in_epoch + 1, \
+                    self.samples + rows_per_step
+                window.add(loss, self.step, self.epoch, self.batch_in_epoch, rows)
+                if self.row_log is not None:  # an audit mode: one host read per step is fine here
+                    entry = {"step": self.step, "loss": float(loss), "rows": rows.tolist()}
                     self.row_log.write(json.dumps(entry) + "\n")
                 faults.kill_if("kill", self.step, self.env.rank)
-                if main and self.step % tc.log_every == 0:
-                    rate = (self.step - n0) * rows_per_step / max(time.perf_counter() - t0 - t_eval, 1e-9)
-                    bar.set_postfix(loss=f"{value:.4f}", samples_s=f"{rate:,.0f}")
-                    self.writer.add_scalar("train/loss", value, self.step)
-                    self.writer.add_scalar("train/samples_per_s", rate, self.step)
                 bar.update(1)
-                t1 = time.perf_counter()
-                if tc.eval_every and self.step % tc.eval_every == 0:
+                # the last step's eval waits for the final save (below, or at the epoch's end)
+                last, logs = self.step >= total, self.step % tc.log_every == 0
+                evals = bool(tc.eval_every) and self.step % tc.eval_every == 0 and not last
+                saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0 or \
+                    last and self.batch_in_epoch < per_epoch
+                if logs or evals or saves or last or self.force_sync:
+                    mean = self._sync(window, stop)
+                    self.run.start()
+                    if logs and main:
+                        rate = (self.step - n0) * rows_per_step / max(self.clock.seconds - t0, 1e-9)
+                        bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
+                        self.writer.add_scalar("train/loss", mean, self.step)
+                        self.writer.add_scalar("train/samples_per_s", rate, self.step)
+                paused = self.clock.pause()
+                if saves:  # before the eval: a failing eval loses nothing
+                    self.save(eval_pending=evals)
+                if evals:
                     results = self.run_eval()
-                if tc.checkpoint_every and self.step % tc.checkpoint_every == 0:
-                    self.save()
-                t_eval += time.perf_counter() - t1
+                self.clock.resume(paused)
                 if self.step >= total and self.batch_in_epoch < per_epoch:  # max_steps inside an epoch
                     break
             else:
-                train_s += time.perf_counter() - t0 - t_eval
+                self._sync(window, stop)
+                self.run.start()
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                paused = self.clock.pause()
+                if not tc.checkpoint_every and self.run.saved_step != self.step:
+                    self.save(eval_pending=not tc.eval_every)
                 if not tc.eval_every:
                     results = self.run_eval()
-                if not tc.checkpoint_every:
-                    self.save()
-            if self.step >= total and self.batch_in_epoch:  # stopped mid-epoch by max_steps
-                train_s += time.perf_counter() - t0 - t_eval
+                self.clock.resume(paused)
         bar.close()
+        if self.run.saved_step != self.step:
+            self.save(eval_pending=self.eval_step != self.step)
         if self.eval_step != self.step:
             results = self.run_eval()
-        if self.saved_step != self.step:
-            self.save()
-        if main:
-            (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
-            steps = self.step - first_step
-            speed = {"steps": steps, "train_seconds": train_s, "world_size": self.env.world_size,
-                     "samples_per_s": steps * rows_per_step / train_s if train_s > 0 else 0.0}
-            (self.run_dir / "throughput.json").write_text(json.dumps(speed, indent=1))
-            self.writer.close()
+        self.run.write_json("metrics.json", results)
+        self.run.write_json("throughput.json", {
+            "steps": self.step, "train_seconds": self.train_seconds, "world_size": self.env.world_size,
+            "samples_per_s": self.samples / self.train_seconds if self.train_seconds > 0 else 0.0}, sort_keys=False)
+        if self._writer is not None:
+            self._writer.close()
         return results

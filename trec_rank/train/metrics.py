@@ -81,7 +81,12 @@ def subset_aucs(cfg: ExperimentConfig) -> list[SubsetAUC]:
 
 
 class EvalMetrics:
-    """Accumulate one eval pass; `compute()` is collective (call it on every rank)."""
+    """Accumulate one eval pass; `compute()` is collective (call it on every rank).
+
+    Every tensor a collective touches lives on `device` (NCCL takes CUDA tensors only). torchrec
+    splits a metric's window evenly over the ranks and needs each share to hold a batch; a share of
+    `window_rows + batch_size` holds everything any rank can see of a `window_rows` split, at any
+    world size (the window only caps how many rows are kept)."""
 
     def __init__(self, tasks: list[str], batch_size: int, world_size: int, rank: int, device: torch.device,
                  window_rows: int, subsets: Sequence[SubsetAUC] = ()) -> None:
@@ -90,7 +95,7 @@ class EvalMetrics:
             rec_tasks=[RecTaskInfo(name=t, label_name=f"{t}-label", prediction_name=f"{t}-pred",
                                    weight_name=f"{t}-weight") for t in tasks],
             rec_metrics={enum: RecMetricDef(rec_task_indices=list(range(len(tasks))),
-                                            window_size=max(window_rows, batch_size))
+                                            window_size=world_size * (window_rows + batch_size))
                          for enum, _ in TORCHREC_METRICS.values()})
         self.module: RecMetricModule = generate_metric_module(
             RecMetricModule, cfg, batch_size=batch_size, world_size=world_size, my_rank=rank,
@@ -100,7 +105,7 @@ class EvalMetrics:
             self.rows[f"{t}-pred"], self.rows[f"{t}-label"] = [], []
         for sub in self.subsets:
             self.rows[f"{sub.output}-subset-pred"], self.rows[f"{sub.output}-subset-label"] = [], []
-        self.logloss = {t: torch.zeros(2, dtype=torch.float64) for t in tasks}
+        self.logloss = {t: torch.zeros(2, dtype=torch.float64, device=device) for t in tasks}
 
     def update(self, logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor], weights: torch.Tensor,
                groups: torch.Tensor | None) -> None:
@@ -109,7 +114,7 @@ class EvalMetrics:
             pred = torch.sigmoid(logits[t].detach().float())
             out.update({f"{t}-pred": pred, f"{t}-label": labels[t].float(), f"{t}-weight": weights.float()})
             bce = F.binary_cross_entropy_with_logits(logits[t].detach().float(), labels[t].float(), reduction="none")
-            self.logloss[t] += torch.stack([(bce * weights).sum(), weights.sum()]).double().cpu()
+            self.logloss[t] += torch.stack([(bce * weights).sum(), weights.sum()]).double().to(self.device)
             keep = (weights > 0).cpu().numpy()
             self.rows[f"{t}-pred"].append(pred.cpu().numpy()[keep])
             self.rows[f"{t}-label"].append(labels[t].float().cpu().numpy()[keep])

@@ -2,9 +2,10 @@
 
 Off unless `TREC_RANK_FAULT` is set, e.g. `kill:30:1` (SIGKILL rank 1 right after step 30),
 `save:40:0` (SIGKILL rank 0 inside the checkpoint save of step 40, after its shards are written
-and before the checkpoint is renamed complete), `nan:25:0` (rank 0's batch for step 25 gets NaN
-dense features). Faults fire only in the first attempt of an elastic job
-(TORCHELASTIC_RESTART_COUNT=0), so the restarted job runs clean and must recover by itself.
+and before the checkpoint is renamed complete), `eval:40:0` (SIGKILL rank 0 as the eval of step 40
+starts), `nan:25:0` (rank 0's batch for step 25 gets NaN dense features). Faults fire only in the
+first attempt of an elastic job (TORCHELASTIC_RESTART_COUNT=0), so the restarted job runs clean
+and must recover by itself.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ latest. Loading goes through DCP, so a checkpoint reshards onto any plan or worl
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -22,9 +23,10 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from trec_rank.train import faults
-from trec_rank.train.safe_dcp import SafeFileSystemReader
+from trec_rank.runtime import faults
+from trec_rank.runtime.safe_dcp import SafeFileSystemReader
 
 log = logging.getLogger(__name__)
 STATE_FILE = "trainer_state.json"
@@ -54,7 +56,60 @@ def resolve(path: str | Path) -> Path:
 
 
 def read_state(ckpt: Path) -> dict[str, Any]:
-    return json.loads((ckpt / STATE_FILE).read_text())
+    try:
+        return json.loads((ckpt / STATE_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{ckpt / STATE_FILE}: damaged checkpoint file ({err})") from None
+
+
+def damaged_file(ckpt: Path) -> str | None:
+    """The first file of `ckpt` that does not hold what its `.metadata` says (missing, cut short, or a
+    tensor that does not load), as a message; None when every file reads. Run only after a load failed:
+    it reads the whole checkpoint again."""
+    metadata = SafeFileSystemReader(str(ckpt)).read_metadata()
+    tensors = {fqn for fqn, md in metadata.state_dict_metadata.items() if isinstance(md, TensorStorageMetadata)}
+    for index, info in sorted(metadata.storage_data.items(), key=lambda kv: (kv[1].relative_path, kv[1].offset)):
+        path = ckpt / info.relative_path
+        if not path.is_file():
+            return f"{path}: checkpoint file missing"
+        if path.stat().st_size < info.offset + info.length:
+            return f"{path}: damaged checkpoint file (cut short: {path.stat().st_size} bytes, needs " \
+                   f"{info.offset + info.length})"
+        if index.fqn in tensors:
+            with open(path, "rb") as f:
+                f.seek(info.offset)
+                try:
+                    torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+                except Exception as err:  # noqa: BLE001 - any failure: this file is damaged
+                    return f"{path}: damaged checkpoint file ({index.fqn}: {type(err).__name__})"
+    return None
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """RUN_DIR's newest complete checkpoint (what --resume continues from), None when there is none."""
+    found = complete_checkpoints(Path(run_dir) / "checkpoints")
+    return found[-1] if found else None
+
+
+def check(ckpt: Path, fingerprint: str, source: str, flag: str = "--checkpoint") -> dict[str, Any]:
+    """The checkpoint's trainer state, if its tensors were made for the model `source` builds.
+
+    The one fingerprint check of every job kind (resume, init-from, eval, score): a checkpoint of
+    another schema or model would fail deep inside DCP, or worse, load into a different model."""
+    state = read_state(ckpt)
+    if state.get("fingerprint") != fingerprint:
+        raise ValueError(f"{flag} {ckpt}: checkpoint was trained with another schema/model than {source} "
+                         f"(fingerprint {state.get('fingerprint')} != {fingerprint})")
+    return state
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """This rank's RNG states: the CPU generator, and its current GPU's once CUDA is in use (dropout
+    and sampling on the GPU draw from that one)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
 
 
 def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, state: dict[str, Any],
@@ -70,7 +125,7 @@ def save(root: str | Path, step: int, model: torch.nn.Module, optimizer: Any, st
     dcp.save({"model": model.state_dict(), "optim": optimizer.state_dict()},
              storage_writer=dcp.FileSystemWriter(str(tmp), overwrite=True))
     (tmp / "rng").mkdir(exist_ok=True)
-    torch.save({"torch": torch.get_rng_state()}, tmp / "rng" / f"rank-{rank}.pt")
+    torch.save(rng_state(), tmp / "rng" / f"rank-{rank}.pt")
     faults.kill_if("save", step, rank)
     dist.barrier()
     if rank == 0:
@@ -95,15 +150,17 @@ def load(ckpt: Path, model: torch.nn.Module, optimizer: Any | None) -> dict[str,
         dcp.load(state, storage_reader=SafeFileSystemReader(str(ckpt)),
                  planner=DefaultLoadPlanner(allow_partial_load=True))
     except CheckpointException as err:
-        raise ValueError(f"{ckpt}: checkpoint cannot be loaded ({err})") from None
+        raise ValueError(damaged_file(ckpt) or f"{ckpt}: checkpoint cannot be loaded ({err})") from None
     model.load_state_dict(state["model"])
     if optimizer is not None:
         optimizer.load_state_dict(state["optim"])
     rng = ckpt / "rng" / f"rank-{dist.get_rank()}.pt"
     if rng.is_file():
         try:
-            rng_state = torch.load(rng, weights_only=True)["torch"]
+            saved = torch.load(rng, weights_only=True)
+            torch.set_rng_state(saved["torch"])
         except Exception as err:  # noqa: BLE001 - any failure means: not our file, refuse it
             raise ValueError(f"{rng}: not a trec-rank RNG state, refused ({type(err).__name__})") from None
-        torch.set_rng_state(rng_state)
+        if "cuda" in saved and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["cuda"])
     return read_state(ckpt)

@@ -1,0 +1,1 @@
+"""Run machinery every job kind shares: run dir, checkpoints, safe loading, optimizers, sharded models."""
