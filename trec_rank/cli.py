@@ -1,4 +1,4 @@
-"""`trec-rank {data,train,eval,plan,score}`: the one user-facing entry point.
+"""`trec-rank {data,train,eval,plan,score,compare}`: the one user-facing entry point.
 
 User mistakes (bad config key, missing column, wrong checkpoint) end with one `error:` line
 naming the key/file/column and exit code 2; anything else is a bug and keeps its traceback.
@@ -92,6 +92,7 @@ def _eval(args: argparse.Namespace) -> None:
         retrieval.evaluate(args.config, args.set, args.checkpoint, args.run_dir)
         return
 
+    from trec_rank.compare.ranking_rows import write_ranking_rows
     from trec_rank.config.experiment import load_config
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.train import checkpoint
@@ -109,6 +110,8 @@ def _eval(args: argparse.Namespace) -> None:
         checkpoint.load(ckpt, model, None)
         splits = args.splits.split(",") if args.splits else cfg.data.eval_splits
         results = {s: evaluate(model, open_split(cfg, s, env, train=False), cfg, env) for s in splits}
+        write_ranking_rows(model, {s: open_split(cfg, s, env, train=False) for s in splits}, cfg, env.device,
+                           Path(args.run_dir or ckpt), env.is_main)  # per-row results for `trec-rank compare`
         if env.is_main:
             out = Path(args.run_dir or ckpt) / "metrics.json"
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -159,11 +162,13 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     e.set_defaults(func=_eval)
 
+    from trec_rank.compare.cli import add_subcommand as add_compare
     from trec_rank.plan.cli import add_subcommand as add_plan
     from trec_rank.score.cli import add_subcommand as add_score
 
     add_plan(sub)
     add_score(sub)
+    add_compare(sub)
     return p
 
 

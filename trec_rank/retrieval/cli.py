@@ -41,6 +41,7 @@ def train(config: str, overrides: list[str], run_dir: str, resume: bool) -> dict
 
 def evaluate(config: str, overrides: list[str], checkpoint: str, run_dir: str | None) -> dict:
     """Full-corpus valid/test metrics of a checkpoint (a checkpoint dir, or a run dir: its latest)."""
+    from trec_rank.compare.rows import write_retrieval_rows
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.retrieval.config import load_retrieval_config
     from trec_rank.retrieval.trainer import RetrievalTrainer
@@ -59,6 +60,7 @@ def evaluate(config: str, overrides: list[str], checkpoint: str, run_dir: str | 
         results = trainer.evaluate()
         if env.is_main:
             (out / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+            write_retrieval_rows(out, results)  # per-user rows for `trec-rank compare`
         return results
     finally:
         shutdown()

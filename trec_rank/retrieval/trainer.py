@@ -34,6 +34,7 @@ from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
+from trec_rank.compare.rows import write_retrieval_rows
 from trec_rank.config.typed import to_dict
 from trec_rank.parallel.env import DistEnv
 from trec_rank.parallel.sharding import shard, tag_sparse_optimizer
@@ -84,7 +85,8 @@ class RetrievalTrainer:
     def __init__(self, cfg: RetrievalConfig, env: DistEnv, run_dir: str | Path) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         d = cfg.data
-        seqs = read_sequences(data_path(cfg), d.items_column, d.time_column, cfg.item.num_embeddings)
+        seqs = read_sequences(data_path(cfg), d.items_column, d.time_column, cfg.item.num_embeddings,
+                              d.action_column, d.num_actions)
         self.corpus = seqs.corpus()
         rank, world = env.rank, env.world_size
         self.train_reader = SplitReader(seqs, "train", cfg, d.batch_size, rank, world, shuffle=True)
@@ -119,6 +121,7 @@ class RetrievalTrainer:
                     "checkpoint": str(path.relative_to(self.run_dir)),
                     "early_stop_metric": self.cfg.eval.early_stop_metric}
             (self.run_dir / "best.json").write_text(json.dumps(best, indent=1, sort_keys=True))
+            write_retrieval_rows(self.run_dir, {s: self.best[s] for s in EVAL_SPLITS})  # per-user, for compare
         return path
 
     def resume(self, ckpt: Path) -> None:

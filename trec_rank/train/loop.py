@@ -21,6 +21,7 @@ from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
 
+from trec_rank.compare.ranking_rows import write_ranking_rows
 from trec_rank.config.experiment import ExperimentConfig
 from trec_rank.config.typed import to_dict
 from trec_rank.data.batch import Batch
@@ -247,6 +248,7 @@ class Trainer:
             results = self.run_eval()
         if self.saved_step != self.step:
             self.save()
+        write_ranking_rows(self.model, self.eval_ds, self.cfg, self.env.device, self.run_dir, main)  # compare
         if main:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
             steps = self.step - first_step
