@@ -248,6 +248,8 @@ class Trainer:
             results = self.run_eval()
         if self.saved_step != self.step:
             self.save()
+        if self.pipeline is not None:  # stopped mid-epoch by max_steps: the pipeline still owns the sharded forwards
+            self.pipeline.detach()
         write_ranking_rows(self.model, self.eval_ds, self.cfg, self.env.device, self.run_dir, main)  # compare
         if main:
             (self.run_dir / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
