@@ -93,7 +93,7 @@ def main() -> None:
     best_sasrec = max(("sasrec", "sasrec+actions"), key=lambda v: rows[v]["valid"])
     pairs = [("hstu+actions", "hstu"), ("sasrec+actions", "sasrec"), ("hstu", "sasrec"),
              ("hstu+actions", best_sasrec)]
-    print(f"\npaired 95% intervals of A - B on test (trec-rank compare: {len(args.seeds)} seeds x users resampled; "
+    print(f"\npaired 95% intervals of A - B on test (trec-rank compare: seeds {args.seeds} and users resampled; "
           f"best SASRec variant on valid: {best_sasrec})\n")
     print("| A | B | " + " | ".join(f"{m}: A - B [95%]" for m in METRICS) + " |\n|---|---|" + "---|" * len(METRICS))
     for a, b in pairs:

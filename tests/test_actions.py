@@ -134,6 +134,18 @@ def test_action_runs_write_best_epoch_rows_and_compare(seq_dir: Path, tmp_path: 
     assert "943 paired units" in out and "| ndcg@10 |" in out
 
 
+def test_two_rank_retrieval_rows_gather_every_user(seq_dir: Path, tmp_path: Path) -> None:
+    """Each rank evaluates half the users: the rows file holds all of them once, and averages to metrics.json."""
+    sets = [a for s in tiny("hstu", seq_dir, "train.max_steps=2") for a in ("--set", s)]
+    run_cli("train", config("hstu", True), "--run-dir", str(tmp_path), *sets, nproc=2)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = pq.read_table(tmp_path / ROWS_FILE)
+    for split in ("valid", "test"):
+        part = rows.filter(rows["split"].to_numpy(zero_copy_only=False) == split)
+        assert np.array_equal(part["user"].to_numpy(), np.arange(943))  # sorted, each user once
+        assert part["mrr"].to_numpy().mean() == pytest.approx(metrics[split]["mrr"], rel=1e-9)
+
+
 def test_ranking_runs_write_per_row_results(ml100k_dir: Path, tmp_path: Path) -> None:
     """A 2-rank ranking run: one row per eval row and task, rows from both ranks, GAUC as metrics.json's."""
     run_cli("train", "configs/ml100k_base.yaml", "--run-dir", str(tmp_path), "--set", f"data.path={ml100k_dir}/ranking",
