@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow.parquet as pq
 from score import cli  # a sibling script: benchmarks/ is on sys.path when run
 
-from trec_rank.train.metrics import auc
+from trec_rank.runtime.metrics import auc
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = {"ctcvr": 0.954, "cvr": 0.933}

@@ -8,6 +8,9 @@ budget equals the replayed one, the replay must reproduce its metrics.json (chec
 
     .venv/bin/python benchmarks/hstu_collect.py runs/hstu/t0-default-s0 runs/hstu/hstu-s1 ... --epochs 50 --patience 8
 
+Action-aware runs (`data.action_column` set) are grouped as `hstu+actions` / `sasrec+actions`; their
+paired intervals come from `trec-rank compare` (benchmarks/actions_2x2.py prints both).
+
 Runs of the reference implementation (benchmarks/hstu_reference.py, encoders `ref-hstu`, `ref-sasrec`)
 can be listed with ours; each of our encoders is then also compared with its reference twin.
 """
@@ -48,7 +51,8 @@ def collect(run: Path, epochs: int, patience: int) -> dict:
     if own == (epochs, patience) and (run / "metrics.json").is_file():
         saved = json.loads((run / "metrics.json").read_text())
         assert saved == {"valid": best["valid"], "test": best["test"]}, f"{run}: replay != metrics.json"
-    return {"run": f"{run.parent.name}/{run.name}", "encoder": cfg["model"]["name"], "seed": cfg["train"]["seed"],
+    encoder = cfg["model"]["name"] + ("+actions" if cfg["data"].get("action_column") else "")  # a separate group
+    return {"run": f"{run.parent.name}/{run.name}", "encoder": encoder, "seed": cfg["train"]["seed"],
             "best_epoch": best["epoch"], "last_epoch": last, "valid": best["valid"], "test": best["test"],
             "own_budget": own}
 

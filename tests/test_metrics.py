@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from trec_rank.train.metrics import EvalMetrics, gauc, grouped_auc
+from trec_rank.runtime.metrics import EvalMetrics, gauc, grouped_auc
 
 
 def brute_auc(scores: np.ndarray, labels: np.ndarray) -> float:

@@ -180,7 +180,7 @@ def test_int8_auc_change_is_small(one_rank: Path, ml100k_dir: Path, trained: Pat
 
 
 def _auc(p: np.ndarray, ml100k_dir: Path) -> float:
-    from trec_rank.train.metrics import gauc
+    from trec_rank.runtime.metrics import gauc
 
     y = pq.read_table(ml100k_dir / "ranking" / "test")["like"].to_numpy()
     return gauc(np.zeros(len(y), dtype=np.int64), p.astype(np.float64), y)

@@ -9,7 +9,7 @@ import torch
 
 from tests.helpers import ROOT
 from trec_rank.config.experiment import load_config
-from trec_rank.train.metrics import EvalMetrics, SubsetAUC, subset_aucs
+from trec_rank.runtime.metrics import EvalMetrics, SubsetAUC, subset_aucs
 
 CVR = SubsetAUC(output="cvr", label="like", given="watch")
 

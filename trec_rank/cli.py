@@ -1,4 +1,4 @@
-"""`trec-rank {data,train,eval,plan,score,report}`: the one user-facing entry point.
+"""`trec-rank {data,train,eval,plan,score,compare,report}`: the one user-facing entry point.
 
 User mistakes (bad config key, missing column, wrong checkpoint) end with one `error:` line
 naming the key/file/column and exit code 2; anything else is a bug and keeps its traceback.
@@ -131,17 +131,24 @@ def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | N
             checkpoint.load(ckpt, trainer.model, None)
             results = trainer.evaluate()
         else:
+            from trec_rank.runtime.eval_rows import RankingRows
             from trec_rank.runtime.model import shard_model
             from trec_rank.train.build import open_split
             from trec_rank.train.loop import evaluate as evaluate_split
 
             model = shard_model(spec, env)
             checkpoint.load(ckpt, model, None)
-            results = {s: evaluate_split(model, open_split(cfg, s, env, train=False), cfg, env)
+            rows = RankingRows(cfg.model.tasks)
+            results = {s: evaluate_split(model, open_split(cfg, s, env, train=False), cfg, env, rows, s)
                        for s in splits or cfg.data.eval_splits}
+            rows.write(out, env.is_main)  # per-row results, for `trec-rank compare`
         if env.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "metrics.json").write_text(json.dumps(results, indent=1, sort_keys=True))
+            if retrieval:
+                from trec_rank.runtime.eval_rows import write_retrieval_rows
+
+                write_retrieval_rows(out, results)  # per-user results, for `trec-rank compare`
         return results
     finally:
         shutdown()
@@ -215,6 +222,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=EVAL_SET_HELP)
     e.set_defaults(func=_eval)
 
+    from trec_rank.compare.cli import add_subcommand as add_compare
     from trec_rank.plan.cli import add_subcommand as add_plan
     from trec_rank.report import add_subcommand as add_report
     from trec_rank.score.cli import add_subcommand as add_score
@@ -222,6 +230,7 @@ def parser() -> argparse.ArgumentParser:
     add_plan(sub, load_job)
     add_score(sub)
     add_report(sub)
+    add_compare(sub)
     return p
 
 

@@ -28,8 +28,20 @@ from trec_rank.models.hstu_jagged import pad_ints, time_buckets
 from trec_rank.models.layers import MLP
 
 __all__ = ["HSTUConfig", "HSTUEncoder", "HSTULayer", "HSTUOverArch", "HSTUParams", "HSTUTargetEncoder",
-           "HSTUTokenParams", "RelativeBias", "SequenceInput", "jagged_positions", "pad_ints", "pointwise_attention",
-           "time_buckets"]
+           "HSTUTokenParams", "RelativeBias", "SequenceInput", "action_tokens", "jagged_positions", "pad_ints",
+           "pointwise_attention", "time_buckets"]
+
+
+def action_tokens(items: torch.Tensor, table: torch.Tensor, actions: torch.Tensor, what: str) -> torch.Tensor:
+    """History tokens that carry what the user did: item embedding + the embedding of the action on it.
+
+    items [N, D] jagged, table [A, D], actions [N] in [0, A) (checked; the error names `what`) -> [N, D].
+    The one token construction of every action-aware encoder (the ranking HSTU here, retrieval's
+    HSTU and SASRec in retrieval/model.py): adding rather than interleaving item and action tokens
+    keeps sequence length, positions and attention cost those of the plain model, and a zero table
+    gives the plain model's tokens exactly (docs/compare.md).
+    """
+    return items + table[checked_side(actions, table.shape[0], what)]
 
 
 class HSTUTargetEncoder(nn.Module):
@@ -79,9 +91,8 @@ class HSTUTargetEncoder(nn.Module):
         h, lengths = hist.values(), hist.lengths().long()
         key = f"{self.p.history}/"
         if self.p.action_side:
-            actions = checked_side(side[key + self.p.action_side], self.p.num_actions,
-                                   f"side '{key + self.p.action_side}' (model.params.num_actions)")
-            h = h + self.action[actions]
+            h = action_tokens(h, self.action, side[key + self.p.action_side],
+                              f"side '{key + self.p.action_side}' (model.params.num_actions)")
         no_time = h.new_zeros(h.shape[0], dtype=torch.long)
         ts = side[key + self.p.time_side].long() if self.p.time_side else no_time
         b = lengths.numel()

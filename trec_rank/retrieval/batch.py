@@ -35,6 +35,7 @@ class RetrievalBatch(Pipelineable):
     hit:        [P, R] bool, negative == the position's positive (accidental hit, masked in the loss).
     weights:    [B] float32 (0: lockstep padding row).
     users:      [B] int64 user row in the sequence files.
+    actions:    [T] int64 action on each `seq` value (e.g. its rating), or [0] when the model reads none.
     """
 
     ids: KeyedJaggedTensor
@@ -43,16 +44,17 @@ class RetrievalBatch(Pipelineable):
     hit: torch.Tensor
     weights: torch.Tensor
     users: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    actions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
 
     def _map(self, fn) -> RetrievalBatch:  # noqa: ANN001 - fn: tensor-like -> tensor-like
         return replace(self, ids=fn(self.ids), timestamps=fn(self.timestamps), neg_index=fn(self.neg_index),
-                       hit=fn(self.hit), weights=fn(self.weights), users=fn(self.users))
+                       hit=fn(self.hit), weights=fn(self.weights), users=fn(self.users), actions=fn(self.actions))
 
     def to(self, device: torch.device, non_blocking: bool = False) -> RetrievalBatch:
         return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 
     def record_stream(self, stream: torch.Stream) -> None:
-        for t in (self.timestamps, self.neg_index, self.hit, self.weights, self.users):
+        for t in (self.timestamps, self.neg_index, self.hit, self.weights, self.users, self.actions):
             t.record_stream(stream)
         self.ids.record_stream(stream)
 
@@ -115,7 +117,8 @@ def train_batch(w: Window, sampler: NegativeSampler, epoch: int, rank: int, batc
         ids=item_kjt(w.items, w.lengths, cand), timestamps=torch.from_numpy(w.timestamps),
         neg_index=torch.from_numpy(neg_index.astype(np.int64)),
         hit=torch.from_numpy(cand[neg_index] == pos[:, None]),
-        weights=torch.full((len(w.lengths),), w.weight), users=torch.from_numpy(w.users))
+        weights=torch.full((len(w.lengths),), w.weight), users=torch.from_numpy(w.users),
+        actions=torch.from_numpy(w.actions))
 
 
 def eval_batch(w: Window) -> RetrievalBatch:
@@ -125,4 +128,5 @@ def eval_batch(w: Window) -> RetrievalBatch:
         ids=item_kjt(w.items, w.lengths, np.zeros(0, dtype=np.int64)),
         timestamps=torch.from_numpy(w.timestamps), neg_index=torch.zeros(p, 0, dtype=torch.long),
         hit=torch.zeros(p, 0, dtype=torch.bool),
-        weights=torch.full((len(w.lengths),), w.weight), users=torch.from_numpy(w.users))
+        weights=torch.full((len(w.lengths),), w.weight), users=torch.from_numpy(w.users),
+        actions=torch.from_numpy(w.actions))

@@ -30,12 +30,18 @@ class SequenceData:
     path: str  # a directory of Parquet files with one row per user (e.g. data/ml-100k/sequences); resolved at load
     items_column: str = "item_ids"  # list<int64>, oldest first
     time_column: str = "timestamps"  # list<int64> seconds, aligned with the items
+    # action-aware models: list<int64> aligned with the items (e.g. "ratings"), each history token = item
+    # embedding + the action's embedding (docs/compare.md); values in [1, num_actions), 0 = unknown
+    action_column: str = ""
+    num_actions: int = 6
     max_seq_len: int = 200  # most recent items the encoder sees (the reference's max_sequence_length)
     batch_size: int = 128  # users per rank and step
     eval_batch_size: int = 512
     seed: int = 0
 
     def post_load(self, key: str) -> None:
+        if self.action_column and self.num_actions < 2:
+            raise ConfigError(f"{key}.num_actions: must be >= 2 with an action_column, got {self.num_actions}")
         check_min(self, key, 1, "max_seq_len", "batch_size", "eval_batch_size")
 
 
@@ -139,8 +145,9 @@ class RetrievalConfig:
 
     def fingerprint(self) -> str:
         """Hash of what checkpoint tensors depend on (table shape, encoder and its params, max length)."""
+        actions = {"actions": self.data.num_actions} if self.data.action_column else {}  # plain runs keep theirs
         blob = json.dumps({"item": to_dict(self.item), "model": to_dict(self.model),
-                           "max_seq_len": self.data.max_seq_len}, sort_keys=True)
+                           "max_seq_len": self.data.max_seq_len, **actions}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class Sequences:
     items: np.ndarray  # [total] int64
     timestamps: np.ndarray  # [total] int64
     offsets: np.ndarray  # [users + 1] int64
+    actions: np.ndarray | None = None  # [total] int64 action on each item (e.g. its rating); None: not read
 
     @property
     def lengths(self) -> np.ndarray:
@@ -64,9 +65,13 @@ def _column(table: pa.Table, name: str, file: str) -> tuple[np.ndarray, np.ndarr
     return flat.to_numpy(zero_copy_only=False).astype(np.int64), lengths.astype(np.int64)
 
 
-def read_sequences(path: str | Path, items_column: str, time_column: str, num_embeddings: int) -> Sequences:
-    """Read every Parquet file under `path`; ids must lie in [1, num_embeddings) (0 is padding)."""
-    items, times, lengths = [], [], []
+def read_sequences(path: str | Path, items_column: str, time_column: str, num_embeddings: int,
+                   action_column: str = "", num_actions: int = 0) -> Sequences:
+    """Read every Parquet file under `path`; ids must lie in [1, num_embeddings) (0 is padding).
+
+    With `action_column`, also each item's action (aligned list<int64>), which must lie in
+    [1, num_actions) (0 is reserved for "unknown", the action of a target the model has not seen)."""
+    items, times, lengths, actions = [], [], [], []
     for file in list_parquet_files(path):
         try:
             table = pq.read_table(file, columns=None)
@@ -81,12 +86,22 @@ def read_sequences(path: str | Path, items_column: str, time_column: str, num_em
             bad = ids[(ids < 1) | (ids >= num_embeddings)][0]
             raise ValueError(f"{file}: column '{items_column}' has id {bad} outside [1, {num_embeddings}) "
                              f"(item.num_embeddings)")
+        if action_column:
+            acts, n_act = _column(table, action_column, file)
+            if not np.array_equal(n, n_act):
+                row = int(np.nonzero(n != n_act)[0][0])
+                raise ValueError(f"{file}: '{action_column}' does not align with '{items_column}' at row {row}")
+            if acts.size and (acts.min() < 1 or acts.max() >= num_actions):
+                raise ValueError(f"{file}: column '{action_column}' has values in [{acts.min()}, {acts.max()}], "
+                                 f"outside [1, {num_actions}) (data.num_actions)")
+            actions.append(acts)
         items.append(ids)
         times.append(ts)
         lengths.append(n)
     all_lengths = np.concatenate(lengths)
     offsets = np.concatenate([[0], np.cumsum(all_lengths)])
-    return Sequences(np.concatenate(items), np.concatenate(times), offsets)
+    return Sequences(np.concatenate(items), np.concatenate(times), offsets,
+                     np.concatenate(actions) if action_column else None)
 
 
 @dataclass
@@ -98,6 +113,7 @@ class Window:
     lengths: np.ndarray  # [B] int64, each >= 2
     users: np.ndarray  # [B] int64 row index of the user in the sequence file(s)
     weight: float  # 1.0, or 0.0 for lockstep padding
+    actions: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # [T], or [0]: none
 
 
 class SplitReader:
@@ -130,7 +146,8 @@ class SplitReader:
         lengths = ends - starts
         out_starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
         idx = np.repeat(starts - out_starts, lengths) + np.arange(lengths.sum())
-        return Window(self.seqs.items[idx], self.seqs.timestamps[idx], lengths, users, weight)
+        actions = self.seqs.actions[idx] if self.seqs.actions is not None else np.zeros(0, dtype=np.int64)
+        return Window(self.seqs.items[idx], self.seqs.timestamps[idx], lengths, users, weight, actions)
 
     def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[tuple[int, Window]]:
         """(batch index, window batch) for `epoch` from `start_batch` on, padded to num_batches()."""

@@ -21,6 +21,7 @@ from trec_rank.retrieval.batch import eval_batch, item_kjt
 from trec_rank.retrieval.data import SplitReader
 from trec_rank.retrieval.metrics import RankingMetrics, target_ranks
 from trec_rank.retrieval.model import RetrievalModel, normalize
+from trec_rank.runtime.eval_rows import EvalResult
 
 
 @torch.no_grad()
@@ -49,10 +50,11 @@ def corpus_columns(corpus: np.ndarray, device: torch.device) -> torch.Tensor:
 
 @torch.no_grad()
 def evaluate_split(model: RetrievalModel, reader: SplitReader, corpus: np.ndarray, ks: list[int],
-                   device: torch.device) -> dict[str, float]:
+                   device: torch.device) -> EvalResult:
     """HR/NDCG/MRR of every user's target (the last token of its window) against the whole corpus.
 
     `model` is the unwrapped module (DMP's `.module`); collective: call on all ranks together.
+    The result is the metrics dict, carrying every user's (user, target, rank, metrics) in `.rows`.
     """
     was_training = model.training
     model.eval()
@@ -63,13 +65,13 @@ def evaluate_split(model: RetrievalModel, reader: SplitReader, corpus: np.ndarra
         batch = eval_batch(window).to(device)
         seq = model.ec(batch.ids)["seq"]
         lengths = seq.lengths().long()
-        user = model.head.last_states(seq.values(), lengths, batch.timestamps)  # [B, D]
+        user = model.head.last_states(seq.values(), lengths, batch.timestamps, batch.actions)  # [B, D]
         ids = batch.ids["seq"].values()
         is_target = torch.zeros_like(ids, dtype=torch.bool)
         is_target[torch.cumsum(lengths, 0) - 1] = True
         rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
         seen = ~is_target  # the history window: filtered out of the ranking
         ranks = target_ranks(user @ table.T, column[ids[is_target]], rows[seen], column[ids[seen]])
-        metrics.update(ranks, batch.weights)
+        metrics.update(ranks, batch.weights, batch.users, ids[is_target])
     model.train(was_training)
-    return metrics.compute()
+    return EvalResult(metrics.compute(), metrics.per_user())

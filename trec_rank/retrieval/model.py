@@ -4,6 +4,12 @@
 (`self.ec(batch.ids)`) and everything else to `SequenceHead`, one module without sharded children,
 which TrainPipelineSparseDist's tracer treats as a leaf. The same head encodes users at eval
 time. User and item embeddings are L2-normalised (eps 1e-6) before every dot product.
+
+Action-aware models (`data.action_column`, e.g. the ratings) give every history token the action
+the user took on it, with the ranking HSTU's token construction (`hstu.action_tokens`: item
+embedding + action embedding) in front of either encoder, so HSTU and SASRec read the same tokens.
+Candidates (positives, negatives, the corpus at eval) stay plain item embeddings: the action on
+an item is known only once the user has seen it.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ from torchrec import EmbeddingCollection
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
-from trec_rank.models.hstu import HSTUEncoder
+from trec_rank.models.hstu import HSTUEncoder, action_tokens
 from trec_rank.models.sasrec import SASRecEncoder
 from trec_rank.retrieval.batch import FEATURES, RetrievalBatch
 from trec_rank.retrieval.config import ITEM_TABLE, RetrievalConfig
@@ -42,34 +48,53 @@ def next_item_split(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (~last).nonzero().squeeze(1), (~first).nonzero().squeeze(1)
 
 
+class ActionEmbedding(nn.Module):
+    """[num_actions, D] action table (a dense parameter, like the ranking HSTU's); row 0 = unknown."""
+
+    def __init__(self, num_actions: int, dim: int, device: torch.device | None = None) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_actions, dim, device=device))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            nn.init.normal_(self.weight, std=0.02)  # the ranking HSTU's action init, the item table's scale
+
+
 class SequenceHead(nn.Module):
     """Jagged item embeddings -> user states -> loss (training) or last-position user embeddings (eval)."""
 
-    def __init__(self, encoder: nn.Module, temperature: float) -> None:
+    def __init__(self, encoder: nn.Module, temperature: float, action: ActionEmbedding | None = None) -> None:
         super().__init__()
-        self.encoder, self.temperature = encoder, temperature
+        self.encoder, self.temperature, self.action = encoder, temperature, action
 
-    def user_states(self, tokens: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [T, D], lengths [B], timestamps [T] -> (unit-norm states [P, D], target index [P]).
+    def user_states(self, tokens: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
+                    actions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [T, D], lengths [B], timestamps [T], actions [T] (action-aware heads only) ->
+        (unit-norm states [P, D], target index [P]).
 
-        State p reads tokens up to its position and queries at the next token's timestamp.
+        State p reads tokens (with their actions) up to its position and queries at the next token's
+        timestamp; the next token's own action never enters it.
         """
         inp, tgt = next_item_split(lengths)
-        out = self.encoder(tokens[inp], lengths - 1, timestamps[inp], timestamps[tgt])
+        x = tokens[inp]
+        if self.action is not None:
+            assert actions is not None and actions.shape[0] == tokens.shape[0], "actions must align with tokens"
+            x = action_tokens(x, self.action.weight, actions[inp], "data.action_column (data.num_actions)")
+        out = self.encoder(x, lengths - 1, timestamps[inp], timestamps[tgt])
         return normalize(out), tgt
 
-    def last_states(self, tokens: torch.Tensor, lengths: torch.Tensor,
-                    timestamps: torch.Tensor) -> torch.Tensor:
+    def last_states(self, tokens: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
+                    actions: torch.Tensor | None = None) -> torch.Tensor:
         """Each row's user embedding for its last token (the eval target): [B, D] unit norm."""
-        states, _ = self.user_states(tokens, lengths, timestamps)
+        states, _ = self.user_states(tokens, lengths, timestamps, actions)
         return states[torch.cumsum(lengths.long() - 1, 0) - 1]
 
     def forward(self, emb: dict[str, JaggedTensor], timestamps: torch.Tensor, neg_index: torch.Tensor,
-                hit: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+                hit: torch.Tensor, weights: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
         seq, cand = emb["seq"], normalize(emb["neg"].values())
         lengths = seq.lengths()
-        user, tgt = self.user_states(seq.values(), lengths, timestamps)
+        user, tgt = self.user_states(seq.values(), lengths, timestamps, actions)
         pos = normalize(seq.values()[tgt])
         pos_weights = torch.repeat_interleave(weights, lengths.long() - 1)
         return sampled_softmax_loss(user, pos, cand, neg_index, hit, pos_weights, self.temperature)
@@ -84,7 +109,7 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: RetrievalBatch) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
         emb = self.ec(batch.ids)
-        loss = self.head(emb, batch.timestamps, batch.neg_index, batch.hit, batch.weights)
+        loss = self.head(emb, batch.timestamps, batch.neg_index, batch.hit, batch.weights, batch.actions)
         return loss, (loss.detach(),)
 
 
@@ -101,4 +126,5 @@ def build_retrieval_model(cfg: RetrievalConfig, device: torch.device | None = No
                             embedding_dim=cfg.item.embedding_dim, feature_names=list(FEATURES),
                             init_fn=partial(nn.init.normal_, std=0.02))  # the reference's item init
     ec = EmbeddingCollection(tables=[table], device=device)
-    return RetrievalModel(ec, SequenceHead(build_encoder(cfg, device), cfg.loss.temperature))
+    action = ActionEmbedding(cfg.data.num_actions, cfg.item.embedding_dim, device) if cfg.data.action_column else None
+    return RetrievalModel(ec, SequenceHead(build_encoder(cfg, device), cfg.loss.temperature, action))

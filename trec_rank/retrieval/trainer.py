@@ -41,6 +41,7 @@ from trec_rank.retrieval.config import ITEM_SHARDING, ITEM_TABLE, RetrievalConfi
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.evaluate import evaluate_split
 from trec_rank.retrieval.model import build_retrieval_model
+from trec_rank.runtime.eval_rows import write_retrieval_rows
 from trec_rank.runtime.model import ModelSpec, build_optimizer, shard_model
 from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal
 
@@ -72,7 +73,8 @@ class RetrievalTrainer:
                  ) -> None:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         d = cfg.data
-        seqs = read_sequences(Path(cfg.data.path), d.items_column, d.time_column, cfg.item.num_embeddings)
+        seqs = read_sequences(Path(cfg.data.path), d.items_column, d.time_column, cfg.item.num_embeddings,
+                              d.action_column, d.num_actions)
         self.corpus = seqs.corpus()
         rank, world = env.rank, env.world_size
         self.train_reader = SplitReader(seqs, "train", cfg, d.batch_size, rank, world, shuffle=True)
@@ -102,6 +104,8 @@ class RetrievalTrainer:
         self.run.write_json("best.json", {"epoch": self.best["epoch"], "step": self.best["step"],
                                           "checkpoint": str(path.relative_to(self.run_dir)),
                                           "early_stop_metric": self.cfg.eval.early_stop_metric})
+        if self.env.is_main:  # per-user rows of the reported epoch, for `trec-rank compare`
+            write_retrieval_rows(self.run_dir, {s: self.best[s] for s in EVAL_SPLITS})
         return path
 
     def resume(self, ckpt: Path) -> None:

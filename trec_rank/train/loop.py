@@ -26,15 +26,18 @@ from trec_rank.data.dataset import ParquetDataset
 from trec_rank.data.frequency import train_id_counts
 from trec_rank.parallel.env import DistEnv
 from trec_rank.runtime import faults
+from trec_rank.runtime.eval_rows import RankingRows
+from trec_rank.runtime.metrics import EvalMetrics, subset_aucs
 from trec_rank.runtime.model import build_optimizer, ranking_spec, shard_model
 from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal, Stopwatch, all_finite
 from trec_rank.train.build import group_ids, open_split
-from trec_rank.train.metrics import EvalMetrics, subset_aucs
 
 log = logging.getLogger(__name__)
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, env: DistEnv) -> dict[str, float]:
+def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, env: DistEnv,
+             rows: RankingRows | None = None, split: str = "") -> dict[str, float]:
+    """The split's metrics; with `rows`, also every row's scores under `split` (for `trec-rank compare`)."""
     was_training = model.training
     model.eval()
     metrics = EvalMetrics(cfg.model.tasks, ds.batch_size, env.world_size, env.rank, env.device,
@@ -44,7 +47,10 @@ def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, 
     for batch in bar:
         batch = batch.to(env.device, non_blocking=True)
         _, (_, logits, labels) = model(batch)
-        metrics.update(logits, labels, batch.weights, group_ids(batch, cfg.data.group_by))
+        groups = group_ids(batch, cfg.data.group_by)
+        metrics.update(logits, labels, batch.weights, groups)
+        if rows is not None:
+            rows.add(split, batch.row_index, groups, logits, labels, batch.weights > 0)
     model.train(was_training)
     return metrics.compute()
 
@@ -93,6 +99,7 @@ class Trainer:
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
         self.step, self.epoch, self.batch_in_epoch, self.eval_step = 0, 0, 0, -1
+        self.eval_rows = RankingRows(cfg.model.tasks)
         self.eval_pending, self.samples, self.train_seconds, self.clock = False, 0, 0.0, Stopwatch()  # resume()
         self.pipeline: TrainPipelineSparseDist | None = None
         self.row_log = None  # train.log_rows: per-rank JSON lines of the rows each step consumed
@@ -135,7 +142,9 @@ class Trainer:
         average_buffers(self.model)
         if self.pipeline is not None:  # mid-epoch: the pipeline owns the sharded forwards until detached
             self.pipeline.detach()
-        results = {split: evaluate(self.model, ds, self.cfg, self.env) for split, ds in self.eval_ds.items()}
+        self.eval_rows = RankingRows(self.cfg.model.tasks)  # the rows of the latest eval: metrics.json's
+        results = {split: evaluate(self.model, ds, self.cfg, self.env, self.eval_rows, split)
+                   for split, ds in self.eval_ds.items()}
         self.eval_step, self.eval_pending = self.step, False
         if self.pipeline is not None:
             self.pipeline.attach(self.model)
@@ -249,6 +258,7 @@ class Trainer:
             self.save(eval_pending=self.eval_step != self.step)
         if self.eval_step != self.step:
             results = self.run_eval()
+        self.eval_rows.write(self.run.dir, self.env.is_main)  # per-row results, for `trec-rank compare`
         self.run.write_json("metrics.json", results)
         self.run.write_json("throughput.json", {
             "steps": self.step, "train_seconds": self.train_seconds, "world_size": self.env.world_size,
