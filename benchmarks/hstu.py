@@ -29,14 +29,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from padded_reference import padded_hstu, padded_step_loss
 
 from trec_rank.models.embeddings import materialize
 from trec_rank.retrieval.batch import NegativeSampler, RetrievalBatch, train_batch
 from trec_rank.retrieval.config import load_retrieval_config
 from trec_rank.retrieval.data import SplitReader, Window, read_sequences
 from trec_rank.retrieval.model import RetrievalModel, build_retrieval_model, next_item_split
-from trec_rank.retrieval.padded import padded_hstu, padded_step_loss
-from trec_rank.retrieval.trainer import data_path
 
 ROOT = Path(__file__).resolve().parents[1]
 REFERENCE_STEP_S = 1.1  # the reference research code's full step at this shape on this machine (notes, section 5)
@@ -62,7 +61,7 @@ def setup(seed: int = 0, lengths: str = "ml-100k") -> tuple[RetrievalModel, Retr
         window = synthetic_window(np.random.default_rng(seed), 64, REFERENCE_ITEMS)
         corpus = np.arange(1, REFERENCE_ITEMS + 1)
     else:
-        seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
+        seqs = read_sequences(Path(cfg.data.path), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
         _, window = next(SplitReader(seqs, "train", cfg, cfg.data.batch_size, 0, 1, shuffle=True).batches(0))
         corpus = seqs.corpus()
     sampler = NegativeSampler(corpus, cfg.loss.num_negatives, "uniform", cfg.item.num_embeddings, seed)

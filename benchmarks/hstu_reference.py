@@ -47,7 +47,6 @@ from trec_rank.retrieval.config import load_retrieval_config  # noqa: E402
 from trec_rank.retrieval.data import SplitReader, Window, read_sequences  # noqa: E402
 from trec_rank.retrieval.evaluate import corpus_columns  # noqa: E402
 from trec_rank.retrieval.metrics import RankingMetrics, target_ranks  # noqa: E402
-from trec_rank.retrieval.trainer import data_path  # noqa: E402
 
 GIN = {  # configs/ml-1m/{hstu,sasrec}-sampled-softmax-n128-final.gin of the reference
     "HSTU": ["hstu_encoder.num_blocks = 2", "hstu_encoder.num_heads = 1", "hstu_encoder.dqk = 50",
@@ -205,14 +204,14 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     cfg = load_retrieval_config(args.config, [f"data.seed={args.seed}"])
-    seqs = read_sequences(data_path(cfg), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
+    seqs = read_sequences(Path(cfg.data.path), cfg.data.items_column, cfg.data.time_column, cfg.item.num_embeddings)
     corpus = seqs.corpus()
     readers = {s: SplitReader(seqs, s, cfg, BATCH, 0, 1, shuffle=(s == "train")) for s in ("train", "valid", "test")}
     model, loss_fn, sampler, opts = build(args.module, cfg.item.num_embeddings - 1, corpus, args.item_lr)
     args.out.mkdir(parents=True, exist_ok=True)
     name = f"ref-{args.module.lower()}" + (f"-item-adagrad{args.item_lr:g}" if args.item_lr > 0 else "")
     (args.out / "config.json").write_text(json.dumps({
-        "kind": "reference", "model": {"name": name}, "data": {"path": str(data_path(cfg)), "batch_size": BATCH},
+        "kind": "reference", "model": {"name": name}, "data": {"path": str(Path(cfg.data.path)), "batch_size": BATCH},
         "train": {"seed": args.seed, "epochs": args.epochs, "patience": args.patience},
         "eval": {"early_stop_metric": "ndcg@10", "ks": cfg.eval.ks}, "gin": GIN[args.module],
         "item_optimizer": f"rowwise_adagrad lr {args.item_lr:g}" if args.item_lr > 0 else "adamw (as train.py)"},

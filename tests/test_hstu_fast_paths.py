@@ -19,7 +19,7 @@ from trec_rank.retrieval.config import load_retrieval_config
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.loss import sampled_softmax_loss
 from trec_rank.retrieval.model import build_retrieval_model, normalize
-from trec_rank.retrieval.padded import gathered_sampled_softmax, padded_hstu, padded_step_loss
+from benchmarks.padded_reference import gathered_sampled_softmax, padded_hstu, padded_step_loss
 
 D, MAX_LEN = 16, 40
 LENGTHS = [40, 3, 33, 1, 17, 39, 8, 25, 2, 31]  # several length groups, rows out of order

@@ -1,6 +1,6 @@
 """The HSTU encoder (Zhai et al. 2024, "Actions Speak Louder than Words") on jagged sequences.
 
-One layer, as in the reference research code (notes: /work/shared/notes/hstu-reference.md):
+One layer, as in the reference research code (docs/hstu.md has the equations and the protocol):
     u, v, q, k = split(SiLU(LayerNorm(x) W_uvqk))
     A = SiLU(q k^T + rab_{p,t}) / N * causal        (pointwise aggregated attention, no softmax)
     y = x + W_o Dropout(u * LayerNorm(A v))

@@ -1,13 +1,14 @@
 """A padded, reference-layout implementation of the HSTU retrieval step: the speed baseline and a test oracle.
 
 It computes exactly what `HSTUEncoder` + `SequenceHead` compute, with the same parameters, but laid
-out the way the reference research code lays it out (generative-recommenders, notes in
-/work/shared/notes/hstu-reference.md):
+out the way the reference research code lays it out (generative-recommenders' research path;
+docs/hstu.md states the equations):
   * the encoder runs every layer on padded [B, L, D] (LayerNorms, projections and gating on the
     padding too), rebuilds the relative bias in every layer, and un-pads once at the end;
   * the loss gathers each position's R negative embeddings into [P, R, D] and L2-normalises every
     gathered copy (the reference's per-position gather + normalisation, most of its step time).
 `benchmarks/hstu.py` times it against the jagged path in the same run; tests check both agree.
+It lives with the benchmarks, not in the package: nothing in trec-rank runs it.
 """
 
 from __future__ import annotations
