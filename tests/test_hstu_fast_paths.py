@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.padded_reference import gathered_sampled_softmax, padded_hstu, padded_step_loss
 from tests.helpers import ROOT
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.hstu import HSTUConfig, HSTUEncoder
@@ -19,7 +20,6 @@ from trec_rank.retrieval.config import load_retrieval_config
 from trec_rank.retrieval.data import SplitReader, read_sequences
 from trec_rank.retrieval.loss import sampled_softmax_loss
 from trec_rank.retrieval.model import build_retrieval_model, normalize
-from benchmarks.padded_reference import gathered_sampled_softmax, padded_hstu, padded_step_loss
 
 D, MAX_LEN = 16, 40
 LENGTHS = [40, 3, 33, 1, 17, 39, 8, 25, 2, 31]  # several length groups, rows out of order

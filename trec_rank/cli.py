@@ -60,8 +60,8 @@ def load_job(config: str, overrides: list[str]) -> tuple[Any, Any]:
         from trec_rank.retrieval.config import load_retrieval_config
         from trec_rank.retrieval.trainer import retrieval_spec
 
-        cfg = load_retrieval_config(config, overrides)
-        return cfg, retrieval_spec(cfg)
+        retrieval = load_retrieval_config(config, overrides)
+        return retrieval, retrieval_spec(retrieval)
     from trec_rank.config.experiment import load_config
     from trec_rank.runtime.model import ranking_spec
 
@@ -88,11 +88,15 @@ def train(config: str, overrides: list[str], run_dir: str, resume: bool = False,
             from trec_rank.plan.io import load_plan
 
             plan = load_plan(plan_path, spec, env.world_size, env.local_world_size, env.device.type)
+        trainer: Any
         if getattr(cfg, "kind", None) == "retrieval":
-            from trec_rank.retrieval.trainer import RetrievalTrainer as Trainer
+            from trec_rank.retrieval.trainer import RetrievalTrainer
+
+            trainer = RetrievalTrainer(cfg, env, run_dir, plan)
         else:
             from trec_rank.train.loop import Trainer
-        trainer = Trainer(cfg, env, run_dir, plan)
+
+            trainer = Trainer(cfg, env, run_dir, plan)
         if init_from:
             trainer.run.load(checkpoint.resolve(init_from), trainer.model, None)
         if resume:

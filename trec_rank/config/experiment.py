@@ -81,10 +81,12 @@ class TrainConfig:
         check_min(self, key, 1, "epochs", "keep_checkpoints")
 
 
+ShardingType = Literal["data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]
+
+
 @dataclass
 class TableConstraint:
-    sharding_types: list[Literal["data_parallel", "table_wise", "row_wise", "column_wise",
-                                 "table_row_wise", "table_column_wise"]] = field(default_factory=list)
+    sharding_types: list[ShardingType] = field(default_factory=list)
     compute_kernels: list[Literal["dense", "fused", "fused_uvm", "fused_uvm_caching", "key_value"]] = field(
         default_factory=list)
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -185,7 +185,7 @@ class ParquetDataset:
         where = f"rank {self.rank} epoch {epoch} window {index}"
         return to_batches(table, self.schema, row_index, where, self.batch_size, self.drop_last, self.with_labels)
 
-    def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
+    def batches(self, epoch: int = 0, start_batch: int = 0) -> Generator[Batch, None, None]:
         """This rank's batches for `epoch`, skipping the first `start_batch` (resume) without reading them."""
         pieces = self._pieces(epoch)
         starts = [0]

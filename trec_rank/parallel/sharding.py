@@ -33,7 +33,7 @@ from torchrec.distributed.planner.types import (
 )
 from torchrec.distributed.types import ModuleSharder, ShardingEnv, ShardingPlan
 
-from trec_rank.config.experiment import OptimConfig, ShardingConfig
+from trec_rank.config.experiment import OptimConfig, ShardingConfig, ShardingType
 from trec_rank.config.schema import Schema
 from trec_rank.parallel.env import device_total_bytes, planner_hbm_gib
 
@@ -41,7 +41,8 @@ GIB = 1024**3
 # fbgemm's CPU TBE implements only these in-backward optimizers.
 CPU_SPARSE_OPTIMIZERS = ("rowwise_adagrad", "adagrad", "sgd")
 # Sharding types in order of preference when the planner's costs tie (simplest layout first).
-DEFAULT_ORDER = ("data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
+DEFAULT_ORDER: tuple[ShardingType, ...] = (
+    "data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise")
 
 
 @dataclass(frozen=True)

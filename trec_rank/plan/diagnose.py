@@ -98,7 +98,8 @@ def _explain(result: PlanResult, tables: dict[str, list[ShardingOption]], tier: 
     lines, suggestions = [], []
     ranked = sorted(need, key=lambda t: -need[t])
     if short > 0:
-        named, covered = [], 0
+        named: list[str] = []
+        covered = 0.0
         for t in ranked[:5]:  # the biggest contributors: at least three, until they cover the shortfall
             if covered >= short and len(named) >= 3:
                 break

@@ -121,4 +121,7 @@ def load_plan(path: str | Path, spec: ModelSpec, world_size: int, local_world_si
                          f"{fingerprint(current)}): {'; '.join(diff)}. Re-plan: trec-rank plan CONFIG "
                          f"--world-size {world_size} --local-world-size {local_world_size} "
                          f"--device {device_type} --out {path}")
-    return plan_from_dict(doc.get("plan"), str(path))
+    plan = doc.get("plan")
+    if not isinstance(plan, dict):
+        raise ValueError(f"{path}: no 'plan' object in the file; re-plan: trec-rank plan CONFIG --out {path}")
+    return plan_from_dict(plan, str(path))

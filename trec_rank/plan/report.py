@@ -63,6 +63,7 @@ def rank_records(result: PlanResult) -> list[dict[str, Any]]:
                 rec[f"{part}_ms"] += getattr(perf, part)
             rec["other_ms"] += perf.input_dist_comms + perf.prefetch_compute
             rec["perf_ms"] += perf.total
+    assert result.reserved is not None, "rank records need the planner's reserved topology"
     for rec, dev, free in zip(ranks, result.topology.devices, result.reserved.devices):
         for tier in ("hbm", "ddr"):
             cap = getattr(dev.storage, tier) / GB
@@ -98,7 +99,7 @@ def summary(result: PlanResult) -> dict[str, Any]:
 
 
 def to_json(result: PlanResult, config: str) -> dict[str, Any]:
-    doc = {"config": config, "summary": summary(result)}
+    doc: dict[str, Any] = {"config": config, "summary": summary(result)}
     if result.fits:
         doc.update(tables=table_records(result), ranks=rank_records(result))
     return doc

@@ -14,14 +14,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 from trec_rank.config.encoder import HSTUConfig
-from trec_rank.config.experiment import OptimConfig, ShardingConfig
+from trec_rank.config.experiment import OptimConfig, ShardingConfig, ShardingType
 from trec_rank.config.typed import ConfigError, beside_config, check_min, from_dict, load_file, read_yaml, to_dict
 from trec_rank.models.sasrec import SASRecConfig
 
 ITEM_TABLE = "item"
 # EmbeddingCollection tables: table- or row-wise with the fused kernel; never data_parallel (its dense kernel
 # pools sequence outputs on CPU, torchrec#1255 / FBGEMM#4586)
-ITEM_SHARDING = ("table_wise", "row_wise")
+ITEM_SHARDING: tuple[ShardingType, ...] = ("table_wise", "row_wise")
 ENCODERS: dict[str, type] = {"hstu": HSTUConfig, "sasrec": SASRecConfig}
 
 
@@ -69,10 +69,6 @@ class EncoderSpec:
 
     def post_load(self, key: str) -> None:
         self.typed_params = from_dict(ENCODERS[self.name], self.params, f"{key}.params")
-
-    def encoder_config(self) -> HSTUConfig | SASRecConfig:
-        return self.typed_params
-
 
 @dataclass
 class LossConfig:

@@ -23,6 +23,7 @@ from torchrec import EmbeddingCollection
 from torchrec.modules.embedding_configs import EmbeddingConfig
 from torchrec.sparse.jagged_tensor import JaggedTensor
 
+from trec_rank.config.encoder import HSTUConfig
 from trec_rank.models.hstu import HSTUEncoder, action_tokens
 from trec_rank.models.sasrec import SASRecEncoder
 from trec_rank.retrieval.batch import FEATURES, RetrievalBatch
@@ -114,9 +115,10 @@ class RetrievalModel(nn.Module):
 
 
 def build_encoder(cfg: RetrievalConfig, device: torch.device) -> nn.Module:
-    enc = cfg.model.encoder_config()
-    cls = HSTUEncoder if cfg.model.name == "hstu" else SASRecEncoder
-    return cls(cfg.item.embedding_dim, cfg.data.max_seq_len, enc, device)
+    enc = cfg.model.typed_params
+    if isinstance(enc, HSTUConfig):
+        return HSTUEncoder(cfg.item.embedding_dim, cfg.data.max_seq_len, enc, device)
+    return SASRecEncoder(cfg.item.embedding_dim, cfg.data.max_seq_len, enc, device)
 
 
 def build_retrieval_model(cfg: RetrievalConfig, device: torch.device | None = None) -> RetrievalModel:

@@ -65,7 +65,7 @@ def retrieval_spec(cfg: RetrievalConfig) -> ModelSpec:
     inputs = ShardingInputs(schema, replace(cfg.sharding, constraints=constraints), cfg.data.batch_size)
     return ModelSpec(build=lambda: build_retrieval_model(cfg, torch.device("meta")), optim=cfg.train.optim,
                      inputs=inputs, fingerprint=cfg.fingerprint(), seed=cfg.train.seed,
-                     adam_betas=tuple(cfg.train.adam_betas))
+                     adam_betas=(cfg.train.adam_betas[0], cfg.train.adam_betas[1]))
 
 
 class RetrievalTrainer:

@@ -38,7 +38,7 @@ class SafeFileSystemReader(FileSystemReader):
                 raise ValueError(f"{path}: refused checkpoint metadata ({err})") from None
         if not isinstance(metadata, Metadata):
             raise ValueError(f"{path}: not DCP checkpoint metadata")
-        if getattr(metadata, "storage_meta", None) is None:
-            metadata.storage_meta = StorageMeta()
-        metadata.storage_meta.load_id = self.load_id
+        storage = getattr(metadata, "storage_meta", None) or StorageMeta()
+        storage.load_id = self.load_id
+        metadata.storage_meta = storage
         return metadata

@@ -120,6 +120,7 @@ class RankScorer:
         probs = probabilities(self.model.forward(batch))
         if self.measure and self.stats.measured < MEASURE_ROWS:
             self.stats.measured += batch.batch_size
+            assert self.model.reference is not None, "measuring int8 needs the fp32 reference"
             ref = probabilities(self.model.reference(batch))
             for task in ref.keys() & batch.labels.keys():
                 self.stats.labels.setdefault(task, []).append(batch.labels[task].cpu().numpy())

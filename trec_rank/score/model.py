@@ -86,13 +86,13 @@ def choose_kind(cfg: ExperimentConfig, env: DistEnv, sharded: bool, quantize: st
         if sharded or too_big:
             why = "--sharded or --plan was given" if sharded else (
                 f"{copies} process(es) x {need / copies / 2**20:,.0f} MiB of fp32 tables "
-                f"exceed {MEMORY_FRACTION:.0%} of {avail / 2**20:,.0f} MiB available")
+                f"exceed {MEMORY_FRACTION:.0%} of {(avail or 0) / 2**20:,.0f} MiB available")
             raise ValueError(f"--quantize {quantize}: int8 scoring keeps the whole model in every process ({why}); "
                              "TorchRec shards int8 tables only within one process. Score fp32 with --sharded.")
         return "int8"
     if too_big and not sharded:
         log.info("sharding the model: %d process(es) x %.0f MiB of tables > %.0f%% of %.0f MiB available",
-                 copies, need / copies / 2**20, 100 * MEMORY_FRACTION, avail / 2**20)
+                 copies, need / copies / 2**20, 100 * MEMORY_FRACTION, (avail or 0) / 2**20)
     return "sharded" if sharded or too_big else "unsharded"
 
 

@@ -179,7 +179,7 @@ def finalize(out: Path, job: dict[str, Any], run_stats: dict[str, Any]) -> dict[
     manifest = {
         "format": 1, "input": job["input"], "input_rows": rows, "output_rows": total,
         "parts": num_parts(rows, part_rows), "part_rows": part_rows,
-        "columns": [{"name": f.name, "type": str(f.type)} for f in schema],
+        "columns": [{"name": f.name, "type": str(f.type)} for f in (schema or [])],
         "checkpoint": job["checkpoint"], "fingerprint": job["fingerprint"], "quantize": job["quantize"],
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "last_run": run_stats,

@@ -76,7 +76,8 @@ class _Feed:
     `first_step` is the step the first batch will be; fault injection poisons by step."""
 
     def __init__(self, it: Iterator[Batch], first_step: int, rank: int) -> None:
-        self.it, self.in_flight, self.step, self.rank = it, deque(), first_step, rank
+        self.in_flight: deque[torch.Tensor] = deque()
+        self.it, self.step, self.rank = it, first_step, rank
 
     def __iter__(self) -> _Feed:
         return self
