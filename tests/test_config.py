@@ -137,9 +137,12 @@ def test_bad_schema_reference_names_the_key_and_file(tmp_path: Path, schema: obj
 
 
 def test_data_path_is_resolved_once_at_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """As given when it exists from the working directory, else relative to the config file's directory."""
+    """As given when it exists from the working directory, else relative to the config file's directory
+    where it exists there, else as written (so a missing-data error names the user's path)."""
     path = config_with(tmp_path, "c", SCHEMA)
     monkeypatch.chdir(tmp_path)
+    assert load_config(path).data.path == "data/x"
+    (tmp_path / "configs" / "data" / "x").mkdir(parents=True)
     assert load_config(path).data.path == str((tmp_path / "configs" / "data" / "x").absolute())
     (tmp_path / "data" / "x").mkdir(parents=True)
     cfg = load_config(path)

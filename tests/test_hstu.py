@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trec_rank.config.encoder import SASRecConfig
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.hstu import HSTUConfig, HSTUEncoder, RelativeBias, pointwise_attention, time_buckets
-from trec_rank.models.sasrec import SASRecConfig, SASRecEncoder
+from trec_rank.models.sasrec import SASRecEncoder
 
 D, MAX_LEN = 16, 12
 

@@ -52,33 +52,74 @@ def _data(args: argparse.Namespace) -> None:
     print_summary(manifest)
 
 
-def load_job(config: str, overrides: list[str]) -> tuple[Any, Any]:
-    """(typed config, ModelSpec) of a ranking or a retrieval (`kind: retrieval` at the top level) config."""
+def load_config_only(config: str, overrides: list[str]) -> Any:
+    """The typed ranking or retrieval (`kind: retrieval` at the top level) config; imports no torch, so
+    a config mistake is reported in a fraction of a second."""
     from trec_rank.retrieval.config import is_retrieval_config
 
     if is_retrieval_config(config):
         from trec_rank.retrieval.config import load_retrieval_config
+
+        return load_retrieval_config(config, overrides)
+    from trec_rank.config.experiment import load_config
+
+    return load_config(config, overrides)
+
+
+def model_spec(cfg: Any) -> Any:
+    """The ModelSpec (what is sharded, planned and checkpointed) of a loaded config."""
+    if getattr(cfg, "kind", None) == "retrieval":
         from trec_rank.retrieval.trainer import retrieval_spec
 
-        retrieval = load_retrieval_config(config, overrides)
-        return retrieval, retrieval_spec(retrieval)
-    from trec_rank.config.experiment import load_config
+        return retrieval_spec(cfg)
     from trec_rank.runtime.model import ranking_spec
 
-    cfg = load_config(config, overrides)
-    return cfg, ranking_spec(cfg)
+    return ranking_spec(cfg)
+
+
+def load_job(config: str, overrides: list[str]) -> tuple[Any, Any]:
+    """(typed config, ModelSpec) of a ranking or a retrieval config."""
+    cfg = load_config_only(config, overrides)
+    return cfg, model_spec(cfg)
+
+
+def require_data(cfg: Any, config: str, splits: list[str]) -> None:
+    """Before anything heavy loads: the data the job reads exists (retrieval: data.path; ranking: its
+    `splits` under data.path), else one line naming the path as written and the command that makes it."""
+    root = Path(cfg.data.path)
+    paths = [root] if getattr(cfg, "kind", None) == "retrieval" else [root / s for s in splits]
+    for path in paths:
+        if not path.exists():
+            raise FileNotFoundError(f"{config}: data.path {cfg.data.path}: {path} does not exist; "
+                                    f"{_data_command(root)}")
+
+
+def _data_command(root: Path) -> str:
+    """Which `trec-rank data` command writes a dataset root like this one."""
+    parent = root.parent if root.name in ("ranking", "funnel", "sequences", "adult") else root
+    name = parent.name
+    if name in ("ml-100k", "adult"):
+        return f"create it with `trec-rank data {name} --out {parent}`"
+    if name in ("ml-1m", "ml-20m"):
+        return f"create it with `trec-rank data {name} --source YOUR_DOWNLOAD --out {parent}`"
+    if name.startswith("synthetic"):
+        return f"create it with `trec-rank data synthetic --schema CONFIG --out {parent}`"
+    return "point data.path at your Parquet (`trec-rank data describe PATH` starts a config for it)"
 
 
 def train(config: str, overrides: list[str], run_dir: str, resume: bool = False, init_from: str | None = None,
           plan_path: str | None = None, overwrite: bool = False) -> dict:
     """Train a ranking or retrieval config; returns (and writes) metrics.json's dict."""
+    if resume and overwrite:
+        raise ValueError("--resume continues the run in --run-dir, --overwrite replaces it: pass one of them")
+    cfg = load_config_only(config, overrides)  # config and data mistakes surface before torch loads
+    require_data(cfg, config, [] if getattr(cfg, "kind", None) == "retrieval"
+                 else [cfg.data.train_split, *cfg.data.eval_splits])
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.runtime import checkpoint
     from trec_rank.runtime.run import StopSignal, claim
 
-    if resume and overwrite:
-        raise ValueError("--resume continues the run in --run-dir, --overwrite replaces it: pass one of them")
-    cfg, spec = load_job(config, overrides)
+    spec = model_spec(cfg)
     env = init_distributed(cfg.sharding.device, run_dir=run_dir)  # every rank must see the same run dir
     stop = StopSignal()
     try:
@@ -116,13 +157,15 @@ def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | N
     """Eval-split metrics of a checkpoint (a checkpoint dir, or a run dir: its latest); writes metrics.json."""
     import json
 
+    cfg = load_config_only(config, overrides)  # config and data mistakes surface before torch loads
+    retrieval = getattr(cfg, "kind", None) == "retrieval"
+    require_data(cfg, config, [] if retrieval else splits or cfg.data.eval_splits)
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.runtime import checkpoint
 
-    cfg, spec = load_job(config, overrides)
+    spec = model_spec(cfg)
     ckpt = checkpoint.resolve(ckpt_path)
     checkpoint.check(ckpt, spec.fingerprint, config)
-    retrieval = getattr(cfg, "kind", None) == "retrieval"
     if retrieval and splits:
         raise ValueError("--splits is not supported for retrieval configs (valid and test are always reported)")
     env = init_distributed(cfg.sharding.device)

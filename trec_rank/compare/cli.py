@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 
 from trec_rank.compare.bootstrap import Interval, paired_bootstrap
-from trec_rank.compare.runs import load_runs
 
 
 def compare(a: list[str], b: list[str], split: str = "test", metrics: list[str] | None = None,
             resamples: int = 2000, seed: int = 0) -> tuple[int, dict[str, Interval]]:
     """(units, {metric: Interval}) for the runs of side A against those of side B on `split`."""
+    from trec_rank.compare.runs import load_runs  # pyarrow and the metrics: only when comparing
+
     runs = load_runs([*a, *b], split)
     names = runs.metrics
     if metrics:

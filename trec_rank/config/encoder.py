@@ -170,3 +170,20 @@ class EncoderParams:
     feedback: FeedbackParams = field(default_factory=FeedbackParams)
     l2: L2Params = field(default_factory=L2Params)
     hstu: HSTUTokenParams | None = None  # target-aware HSTU over [history..., target]: one [B, D] part
+
+
+@dataclass
+class SASRecConfig:
+    """SASRec retrieval encoder hyperparameters (defaults: the reference ML-1M SASRec)."""
+
+    num_blocks: int = 2
+    num_heads: int = 1
+    ffn_dim: int = 0  # 0: the embedding dim (the reference's ffn_hidden_dim = D)
+    dropout: float = 0.2  # input, attention-weight and FFN dropout
+
+    def post_load(self, key: str) -> None:
+        check_min(self, key, 1, "num_blocks", "num_heads")
+        if self.ffn_dim < 0:
+            raise ConfigError(f"{key}.ffn_dim: must be >= 0, got {self.ffn_dim}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"{key}.dropout: must be in [0, 1), got {self.dropout}")

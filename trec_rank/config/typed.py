@@ -171,11 +171,13 @@ def read_yaml(path: str | Path) -> dict:
 
 def beside_config(path: str, config_file: str | Path) -> str:
     """A path from a config file: as given when absolute or present (from the working directory), else
-    relative to the config file's directory (made absolute, so no consumer re-roots it): shipped configs
-    run from the repository root and from anywhere else."""
-    if Path(path).is_absolute() or Path(path).exists():
+    relative to the config file's directory where it exists there (made absolute, so no consumer re-roots
+    it): shipped configs run from the repository root and from anywhere else. A path found in neither
+    place stays as written, so the error that it is missing names what the user wrote."""
+    beside = Path(config_file).parent / path
+    if Path(path).is_absolute() or Path(path).exists() or not beside.exists():
         return path
-    return str((Path(config_file).parent / path).absolute())
+    return str(beside.absolute())
 
 
 def load_file(cls: type[T], path: str | Path, overrides: typing.Sequence[str] = (),

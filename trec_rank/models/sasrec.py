@@ -11,31 +11,13 @@ timestamps are unused (SASRec has no time signal).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trec_rank.config.encoder import SASRecConfig
 from trec_rank.config.typed import ConfigError
 from trec_rank.models.hstu import SequenceInput, jagged_positions
-
-
-@dataclass
-class SASRecConfig:
-    num_blocks: int = 2
-    num_heads: int = 1
-    ffn_dim: int = 0  # 0: the embedding dim (the reference's ffn_hidden_dim = D)
-    dropout: float = 0.2  # input, attention-weight and FFN dropout
-
-    def post_load(self, key: str) -> None:
-        for name in ("num_blocks", "num_heads"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{key}.{name}: must be >= 1, got {getattr(self, name)}")
-        if self.ffn_dim < 0:
-            raise ConfigError(f"{key}.ffn_dim: must be >= 0, got {self.ffn_dim}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ConfigError(f"{key}.dropout: must be in [0, 1), got {self.dropout}")
 
 
 class SASRecBlock(nn.Module):

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from trec_rank.config.encoder import HSTUConfig
+from trec_rank.config.encoder import HSTUConfig, SASRecConfig
 from trec_rank.config.experiment import OptimConfig, ShardingConfig, ShardingType
 from trec_rank.config.typed import ConfigError, beside_config, check_min, from_dict, load_file, read_yaml, to_dict
-from trec_rank.models.sasrec import SASRecConfig
 
 ITEM_TABLE = "item"
 # EmbeddingCollection tables: table- or row-wise with the fused kernel; never data_parallel (its dense kernel
