@@ -105,6 +105,7 @@ def train(
     run_dir: str = RUN_DIR,
     data: str = "",
     resume: bool = True,
+    overwrite: bool = False,
     plan: str = "",
     image: str = "",
     nnodes: int = 1,
@@ -125,6 +126,7 @@ def train(
         run_dir: checkpoints, TensorBoard logs, metrics.json; on clusters a path every node shares (see --mounts)
         data: dataset split root, overrides the config's data.path (on clusters: a path every node sees)
         resume: continue from the latest complete checkpoint in run_dir (what a retried job needs)
+        overwrite: replace the run that run_dir holds (with --resume False; else a run dir is never reused)
         plan: optional sharding plan JSON from `trec-rank plan --out`
         image: container image (required except on local_cwd and slurm, which run the checkout)
         nnodes: number of nodes
@@ -139,6 +141,7 @@ def train(
     """
     args = ["train", config, "--run-dir", run_dir]
     args += ["--resume"] if resume else []
+    args += ["--overwrite"] if overwrite else []
     args += ["--plan", plan] if plan else []
     args += ["--set", f"data.path={data}"] if data else []
     for item in overrides:

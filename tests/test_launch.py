@@ -124,6 +124,13 @@ def test_ranks_follow_gpus_and_resources_follow_ranks() -> None:
         _dryrun("slurm", {}, ["--gpu", "4", "--nproc_per_node", "8"])
 
 
+def test_train_component_resumes_by_default_and_overwrites_only_when_asked() -> None:
+    _, role = _dryrun("slurm", {}, [])
+    assert "--resume" in role.args[1] and "--overwrite" not in role.args[1]
+    _, fresh = _dryrun("slurm", {}, ["--resume", "False", "--overwrite", "True", "--run_dir", "runs/x"])
+    assert "--overwrite" in fresh.args[1] and "--resume" not in fresh.args[1]
+
+
 def test_kubernetes_without_an_image_is_one_line(tmp_path: Path) -> None:
     proc = _torchx("run", "--dryrun", "--workspace", "", "-s", "kubernetes", "-cfg", "queue=default", COMPONENT,
                    "--gpu", "8")
