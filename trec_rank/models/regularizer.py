@@ -88,11 +88,23 @@ class MiniBatchL2(nn.Module):
         total = batch.dense.new_zeros(())
         for table, parts in by_table.items():
             inv_freq = self.inverse_frequency(table, batch.dense.device)
-            # c_j, the kept occurrences of id j in the batch over every feature of the table: a
-            # bincount over the table's rows, not a sort (torch.unique) of the batch's ids
-            counts = torch.bincount(torch.cat([i for i, _, _ in parts]), weights=torch.cat([k for _, _, k in parts]),
-                                    minlength=inv_freq.numel())
-            scale = inv_freq / counts.clamp(min=1.0)  # [table_rows]: 1 / (n_j c_j)
-            for ids, rows, keep in parts:
-                total = total + (scale[ids] * keep * rows.pow(2).sum(dim=1)).sum()
+            ids, keep = torch.cat([i for i, _, _ in parts]), torch.cat([k for _, _, k in parts])
+            scale = inv_freq[ids] / occurrences_per_id(ids, keep, inv_freq.numel()).clamp(min=1.0)  # 1/(n_j c_j)
+            for (_, rows, k), s in zip(parts, scale.split([i.numel() for i, _, _ in parts]), strict=True):
+                total = total + (s * k * rows.pow(2).sum(dim=1)).sum()
         return self.weight * total
+
+
+# A bincount over the table's rows is the cheapest count while the table is small next to the batch; past
+# this many rows per occurrence it would allocate and scan a table-sized vector every step, so the count
+# sorts the batch's own ids instead and the step's cost stays flat however large the table grows.
+DENSE_COUNT_ROWS_PER_ID = 64
+
+
+def occurrences_per_id(ids: torch.Tensor, keep: torch.Tensor, table_rows: int) -> torch.Tensor:
+    """c_j for each occurrence: ids [M] (rows of one table, every feature on it), keep [M] 0/1 weights ->
+    [M], the kept occurrences in the batch of the id at each position."""
+    if table_rows <= DENSE_COUNT_ROWS_PER_ID * max(ids.numel(), 1):
+        return torch.bincount(ids, weights=keep, minlength=table_rows)[ids]
+    _, inverse = torch.unique(ids, return_inverse=True)
+    return torch.zeros(ids.numel(), dtype=keep.dtype, device=ids.device).index_add_(0, inverse, keep)[inverse]
