@@ -96,7 +96,7 @@ class HSTUTargetEncoder(nn.Module):
         no_time = h.new_zeros(h.shape[0], dtype=torch.long)
         ts = side[key + self.p.time_side].long() if self.p.time_side else no_time
         b = lengths.numel()
-        rows = torch.repeat_interleave(torch.arange(b, device=h.device), lengths)
+        rows = torch.repeat_interleave(torch.arange(b, device=h.device), lengths, output_size=h.shape[0])
         hist_idx = torch.arange(h.shape[0], device=h.device) + rows  # each earlier row adds one target slot
         tgt = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths + 1)[1:] - 1
         last_ts = torch.where(lengths > 0, F.pad(ts, (1, 0))[tgt - torch.arange(b, device=h.device)], 0)

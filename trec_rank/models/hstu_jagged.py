@@ -31,7 +31,8 @@ def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
 def pad_ints(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
     """Jagged integer values [N] -> padded [B, max_len] with zeros after each row's end (no autograd)."""
     out = values.new_zeros(offsets.numel() - 1, max_len)
-    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff())
+    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff(),
+                                   output_size=values.numel())
     out[rows, torch.ops.fbgemm.offsets_range(offsets, values.numel())] = values
     return out
 
@@ -76,7 +77,7 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
     sorted_off = torch.ops.fbgemm.asynchronous_complete_cumsum(sorted_len)
     off_list = sorted_off.tolist()
     within = torch.ops.fbgemm.offsets_range(sorted_off, off_list[-1])
-    perm = torch.repeat_interleave(offsets[:-1][order], sorted_len) + within
+    perm = torch.repeat_interleave(offsets[:-1][order], sorted_len, output_size=timestamps.numel()) + within
     q_perm, t_perm = query_ts[perm], timestamps[perm]
     groups, row, lens = [], 0, sorted_len.tolist()
     idx_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -97,7 +97,7 @@ class SequenceHead(nn.Module):
         lengths = seq.lengths()
         user, tgt = self.user_states(seq.values(), lengths, timestamps, actions)
         pos = normalize(seq.values()[tgt])
-        pos_weights = torch.repeat_interleave(weights, lengths.long() - 1)
+        pos_weights = torch.repeat_interleave(weights, lengths.long() - 1, output_size=tgt.numel())
         return sampled_softmax_loss(user, pos, cand, neg_index, hit, pos_weights, self.temperature)
 
 
