@@ -105,14 +105,3 @@ def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
             reset()
     return model.to(device)
 
-
-def checked_side(values: torch.Tensor, num_values: int, what: str) -> torch.Tensor:
-    """A side column [N] as embedding indices, or a ValueError naming `what` if one lies outside
-    [0, num_values). One min/max reduction, read back once (a single device sync on GPU): an index
-    out of range would otherwise fail inside the lookup with no hint of which column or config key."""
-    values = values.long()
-    if values.numel():
-        low, high = (int(v) for v in torch.aminmax(values))
-        if low < 0 or high >= num_values:
-            raise ValueError(f"{what}: values must lie in [0, {num_values}), got [{low}, {high}]")
-    return values
