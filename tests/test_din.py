@@ -228,7 +228,7 @@ def test_key_side_out_of_range_is_refused_by_the_loader_naming_column_and_key(di
     key = "model.params.encoder.attention[0].key_sides[0].num_values"
     cfg = _with_rating_keys(din_cfg)
     assert side_bounds(cfg.model.typed_params) == {"hist_item_id/rating": (6, key)}
-    open_split(cfg, "valid", ENV, train=False)  # in range: opens (every value scanned)
+    assert not open_split(cfg, "valid", ENV, train=False).pin_memory  # in range: opens (every value scanned); CPU
     cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["num_values"] = 5
     cfg = retyped(cfg)
     want = rf"side column 'hist_rating' holds 5 at row \d+, outside \[0, 5\) \({re.escape(key)}\)$"
