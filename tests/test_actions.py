@@ -68,7 +68,7 @@ def test_token_is_item_plus_action_and_a_zero_table_is_the_plain_model(name: str
     seq = plain.ec(batch.ids)["seq"]
     values, lengths = seq.values(), seq.lengths()
     table = act.head.action.weight
-    assert torch.equal(action_tokens(values, table, batch.actions, "x"), values + table[batch.actions])
+    assert torch.equal(action_tokens(values, table, batch.actions), values + table[batch.actions])
     # the action-aware user embedding is the plain encoder run on item + action tokens
     shifted = values + table[batch.actions]
     want = plain.head.last_states(shifted, lengths, batch.timestamps)

@@ -13,7 +13,7 @@ import torch
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import from_dict
 from trec_rank.data.convert import DataError
-from trec_rank.data.dataset import ParquetDataset
+from trec_rank.data.dataset import ParquetDataset, pin_for
 
 SCHEMA = {
     "tables": [{"name": "item", "num_embeddings": 100, "embedding_dim": 8},
@@ -173,6 +173,31 @@ def test_bad_input_names_file_and_column(tmp_path, schema, mutate, message, vali
     with pytest.raises(DataError) as err:
         list(ParquetDataset(tmp_path, schema, 16, validate=validate).batches())
     assert message in str(err.value) and path in str(err.value)
+
+
+@pytest.mark.parametrize("validate", ["full", "schema"])
+def test_side_bounds_refuse_a_value_naming_column_row_and_key(tmp_path, schema, validate) -> None:  # noqa: ANN001
+    """A side column read as embedding indices is range-checked per chunk by the loader (the model no
+    longer checks it every step); values that max_len drops never reach the model and are not checked."""
+    rows = make_rows(60, 0)
+    rows["hist"][8], rows["hist_ts"][8] = [1, 2, 3, 4, 5], [99, 0, 1, 2, 3]  # 99 is cut by max_len 4
+    write(tmp_path / "a.parquet", rows)
+    bounds = {"hist/ts": (10, "model.params.some_bound")}
+    assert len(list(ParquetDataset(tmp_path, schema, 16, validate=validate, side_bounds=bounds).batches())) == 4
+    rows["hist"][41], rows["hist_ts"][41] = [1, 2], [0, 10]  # row 41: the second row group's row 4
+    write(tmp_path / "a.parquet", rows)
+    ParquetDataset(tmp_path, schema, 16, validate="full")  # no bounds: side values are not ids
+    with pytest.raises(DataError, match=r"side column 'hist_ts' holds 10 at row \d+, outside \[0, 10\) "
+                                        r"\(model\.params\.some_bound\)$") as err:
+        list(ParquetDataset(tmp_path, schema, 16, validate=validate, side_bounds=bounds).batches())
+    if validate == "full":  # checked on open, per row group: the message names the file and its row
+        assert str(err.value).startswith(f"{tmp_path / 'a.parquet'}: ") and "at row 41," in str(err.value)
+
+
+def test_batches_are_pinned_only_for_cuda() -> None:
+    """Page-locked batches let the CUDA copy run asynchronously; on CPU pinning would be a wasted copy."""
+    assert pin_for(torch.device("cuda", 0)) and pin_for(torch.device("cuda"))
+    assert not pin_for(torch.device("cpu")) and not pin_for(torch.device("meta"))
 
 
 def test_missing_column_corrupt_and_empty_files(tmp_path, schema, caplog) -> None:  # noqa: ANN001

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -17,9 +18,11 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from tests.helpers import ROOT
 from trec_rank.config.experiment import ExperimentConfig, load_config
+from trec_rank.config.models import side_bounds
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.batch import Batch
+from trec_rank.data.convert import DataError
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.data.frequency import CACHE_NAME, id_counts, train_id_counts
 from trec_rank.models.attention import AttentionParams, TargetAttention, interaction_dim
@@ -28,8 +31,11 @@ from trec_rank.models.embeddings import materialize
 from trec_rank.models.ranking import AUX_LOSS
 from trec_rank.models.registry import build_model
 from trec_rank.models.regularizer import L2Params, MiniBatchL2
+from trec_rank.parallel.env import DistEnv
+from trec_rank.train.build import open_split
 
 CPU = torch.device("cpu")
+ENV = DistEnv(0, 1, 0, 1, CPU)
 
 
 # ---- Dice ------------------------------------------------------------------------------------
@@ -215,11 +221,23 @@ def test_key_sides_add_the_behaviours_rating_embedding_to_each_key(din_cfg, ml_b
     assert not torch.allclose(got, unit(query, keys, lengths))
     assert torch.equal(model(ml_batch)["like"], model(ml_batch)["like"])  # eval is deterministic
 
-    bad = copy.deepcopy(ml_batch)
-    bad.side["hist_item_id/rating"] = torch.full_like(rating, 6)
-    with pytest.raises(ValueError,
-                       match=r"'hist_item_id/rating' \(num_values\): values must lie in \[0, 6\), got \[6, 6\]"):
-        model(bad)
+
+def test_key_side_out_of_range_is_refused_by_the_loader_naming_column_and_key(din_cfg) -> None:  # noqa: ANN001
+    """The range check runs once per chunk in the loader (not every step in the model): ratings run 1..5,
+    so num_values 5 leaves rating 5 without an embedding row."""
+    key = "model.params.encoder.attention[0].key_sides[0].num_values"
+    cfg = _with_rating_keys(din_cfg)
+    assert side_bounds(cfg.model.typed_params) == {"hist_item_id/rating": (6, key)}
+    assert not open_split(cfg, "valid", ENV, train=False).pin_memory  # in range: opens (every value scanned); CPU
+    cfg.model.params["encoder"]["attention"][0]["key_sides"][0]["num_values"] = 5
+    cfg = retyped(cfg)
+    want = rf"side column 'hist_rating' holds 5 at row \d+, outside \[0, 5\) \({re.escape(key)}\)$"
+    with pytest.raises(DataError, match=want) as err:
+        open_split(cfg, "valid", ENV, train=False)
+    assert "\n" not in str(err.value) and "valid" in str(err.value)  # one line naming the file
+    cfg.data.validate = "schema"  # values unchecked on open: the chunk is refused as it is read
+    with pytest.raises(DataError, match=want):
+        next(open_split(cfg, "valid", ENV, train=False).batches())
 
 
 def test_key_side_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001

@@ -12,6 +12,7 @@ from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from tests.helpers import ROOT, run_cli
 from trec_rank.config.experiment import load_config
+from trec_rank.config.models import side_bounds
 from trec_rank.config.typed import ConfigError
 from trec_rank.models import registry
 from trec_rank.models.embeddings import materialize
@@ -20,6 +21,7 @@ from trec_rank.parallel.env import DistEnv
 from trec_rank.train.build import open_split
 
 CONFIG = ROOT / "configs" / "ml100k_hstu_ranking.yaml"
+ESMM_HSTU = ROOT / "configs" / "ml100k_hstu_esmm.yaml"
 
 
 def build(*overrides: str) -> RankingModel:
@@ -46,9 +48,24 @@ def test_tokens_are_history_then_target_with_next_event_query_times() -> None:
     torch.testing.assert_close(tokens, want)
     assert ts.tolist() == [10, 20, 20, 0, 100, 200, 300, 300]  # the target takes the newest history time
     assert query.tolist() == [20, 20, 20, 0, 200, 300, 300, 300]  # next token's time; targets their own
-    with pytest.raises(ValueError, match=r"rating. \(model.params.num_actions\): values must lie in \[0, "):
-        over.tokens({"hist_item_id": hist, "item_id": target}, {**side, "hist_item_id/rating": side[
-            "hist_item_id/rating"] + 3})
+
+
+def test_action_out_of_range_is_refused_by_the_loader_with_one_line(ml100k_dir: Path, tmp_path: Path) -> None:
+    """num_actions bounds the rating side column; the loader checks it once per chunk (ratings run 1..5,
+    so num_actions 5 leaves rating 5 without a row), and the CLI prints one `error:` line naming
+    the column and the config key."""
+    data = f"data.path={ml100k_dir / 'ranking'}"
+    assert side_bounds(load_config(CONFIG).model.typed_params) == {
+        "hist_item_id/rating": (6, "model.params.num_actions")}
+    assert side_bounds(load_config(ESMM_HSTU).model.typed_params) == {  # the encoder's `hstu:` option
+        "hist_item_id/rating": (6, "model.params.encoder.hstu.num_actions")}
+    proc = run_cli("train", str(CONFIG), "--run-dir", str(tmp_path / "run"), "--set", data,
+                   "--set", "model.params.num_actions=5", check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "side column 'hist_rating' holds 5 at row" in lines[0]
+    assert lines[0].endswith("outside [0, 5) (model.params.num_actions)")
 
 
 def test_output_is_target_aware_and_rows_are_independent(ml100k_dir: Path) -> None:
@@ -83,8 +100,6 @@ def test_trains_through_the_cli(ml100k_dir: Path, tmp_path: Path) -> None:
     metrics = json.loads((tmp_path / "cli" / "metrics.json").read_text())
     assert metrics["valid"]["like/auc"] > 0.6  # 0.66 after 20 steps; an untrained model sits at 0.5
 
-
-ESMM_HSTU = ROOT / "configs" / "ml100k_hstu_esmm.yaml"
 
 
 def test_hstu_inside_the_shared_encoder_of_esmm(ml100k_dir: Path) -> None:

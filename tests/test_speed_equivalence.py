@@ -44,7 +44,7 @@ def reference_dice(self: Dice, x: torch.Tensor) -> torch.Tensor:
 
 def reference_weights(self: TargetAttention, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
                       segments: torch.Tensor | None = None) -> torch.Tensor:
-    segments = segment_ids(lengths)
+    segments = segment_ids(lengths, keys.shape[0])
     scores = self.score(self.mlp(self.interaction(query[segments], keys))).squeeze(-1)
     if self.params.attention_norm == "softmax":
         return segment_softmax(scores, segments, lengths.numel())
@@ -119,7 +119,7 @@ def test_factorised_activation_unit_matches_the_concatenated_interaction(
     query = torch.randn(64, dim, requires_grad=True)
     keys = torch.randn(int(lengths.sum()), dim, requires_grad=True)
     out_fast = fast(query, keys, lengths)
-    seg = segment_ids(lengths)
+    seg = segment_ids(lengths, keys.shape[0])
     w = reference_weights(ref, query, keys, lengths)
     out_ref = torch.zeros(64, dim).index_add(0, seg, w.unsqueeze(1) * keys)
     torch.testing.assert_close(out_fast, out_ref, rtol=1e-5, atol=1e-5)

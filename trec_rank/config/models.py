@@ -129,6 +129,36 @@ MODEL_PARAMS: dict[str, type] = {
 }
 
 
+def side_bounds(params: object) -> dict[str, tuple[int, str]]:
+    """Side columns a model reads as embedding indices -> (bound, config key of the bound).
+
+    Keys are Batch.side keys ("<history>/<side>"); values must lie in [0, bound). The loader checks
+    them once per chunk on the host (data/convert.py), so the model's lookups need no per-step range
+    check (a device reduction and a host read on every forward). A column bounded twice keeps the
+    tighter bound. Retrieval's action column is checked by its own reader (retrieval/data.py)."""
+    bounds: dict[str, tuple[int, str]] = {}
+
+    def add(name: str, bound: int, key: str) -> None:
+        if name not in bounds or bound < bounds[name][0]:
+            bounds[name] = (bound, key)
+
+    tokens: list[tuple[HSTUTokenParams, str]] = []
+    if isinstance(params, HSTUParams):
+        tokens.append((params, "model.params"))
+    encoder = getattr(params, "encoder", None)
+    if isinstance(encoder, EncoderParams):
+        for i, group in enumerate(encoder.attention):
+            for j, side in enumerate(group.key_sides):
+                add(f"{side.history}/{side.side}", side.num_values,
+                    f"model.params.encoder.attention[{i}].key_sides[{j}].num_values")
+        if encoder.hstu is not None:
+            tokens.append((encoder.hstu, "model.params.encoder.hstu"))
+    for p, key in tokens:
+        if p.action_side:
+            add(f"{p.history}/{p.action_side}", p.num_actions, f"{key}.num_actions")
+    return bounds
+
+
 def parse_params(name: str, params: dict[str, Any], key: str = "model") -> Any:
     """`params` as model `name`'s params dataclass; errors name `<key>.name` or `<key>.params.<field>`."""
     if name not in MODEL_PARAMS:

@@ -2,7 +2,8 @@
 
 Ids come straight from Arrow list offsets/values through numpy (no Python loop per row). Every
 chunk is checked as it is converted (nulls inside id lists, negative ids, out-of-range ids under
-policy `error`, side columns that do not align with their ids, labels that are not 0/1), so a bad
+policy `error`, side columns that do not align with their ids, side values a model reads as embedding
+indices outside their bound (`SideBounds`), labels that are not 0/1), so a bad
 row group can never reach a training step, whether or not the dataset was fully scanned when it
 was opened.
 
@@ -17,6 +18,7 @@ Each chunk's distinct strings are hashed once (Arrow dictionary encoding), not e
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Mapping
 from typing import NamedTuple
 
 import numpy as np
@@ -31,6 +33,9 @@ from trec_rank.data.batch import Batch
 
 class DataError(ValueError):
     """Bad input data; the message names the file, column and row group."""
+
+
+SideBounds = Mapping[str, tuple[int, str]]  # Batch.side key -> (bound, config key): values in [0, bound)
 
 
 def expected_columns(schema: Schema, with_labels: bool = True) -> list[str]:
@@ -209,7 +214,21 @@ class _Columns(NamedTuple):
     labels: dict[str, np.ndarray]  # task -> [rows] float32
 
 
-def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool, first_row: int) -> _Columns:
+def _check_bound(values: np.ndarray, offsets: np.ndarray, bound: tuple[int, str], col: str, where: str,
+                 first_row: int) -> None:
+    """Side values (as the model's int64 indices) must lie in [0, bound); offsets [rows + 1] name the row."""
+    n, key = bound
+    ints = values.astype(np.int64, copy=False)
+    bad = (ints < 0) | (ints >= n)
+    if bad.any():
+        k = int(np.argmax(bad))
+        row = int(np.searchsorted(offsets, k, side="right")) - 1
+        raise DataError(f"{where}: side column '{col}' holds {values[k]} at row {first_row + row}, outside "
+                        f"[0, {n}) ({key})")
+
+
+def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool, first_row: int,
+             side_bounds: SideBounds) -> _Columns:
     """`where` names the chunk; row numbers in messages are `first_row` + the row within the chunk."""
     sparse: list[tuple[str, _Jagged]] = []
     sequence: list[tuple[str, _Jagged]] = []
@@ -222,7 +241,8 @@ def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool, fir
         keep, lengths = _keep_last(full, f.max_len)
         values = apply_oov_policy(values if keep is None else values[keep], f, schema.table(f.table).num_embeddings,
                                   where)
-        (sequence if f.name in seq_names else sparse).append((f.name, _with_offsets(values, lengths)))
+        jagged = _with_offsets(values, lengths)
+        (sequence if f.name in seq_names else sparse).append((f.name, jagged))
         for side_name, col in f.side.items():
             s_values, s_lengths = _jagged(table.column(col).combine_chunks(), where, col)
             if not np.array_equal(s_lengths, full):
@@ -230,7 +250,10 @@ def _columns(table: pa.Table, schema: Schema, where: str, with_labels: bool, fir
                 raise DataError(f"{where}: side column '{col}' does not align with '{f.column}' at row "
                                 f"{first_row + row} "
                                 f"({s_lengths[row]} vs {full[row]} elements)")
-            side[f"{f.name}/{side_name}"] = (f.name, s_values if keep is None else s_values[keep])
+            key = f"{f.name}/{side_name}"
+            side[key] = (f.name, s_values if keep is None else s_values[keep])
+            if key in side_bounds:
+                _check_bound(side[key][1], jagged.offsets, side_bounds[key], col, where, first_row)
     dense_cols = [_numeric(table, f.column, where, first_row) for f in schema.dense]
     dense = np.stack(dense_cols, axis=1) if dense_cols else np.zeros((table.num_rows, 0), dtype=np.float32)
     labels = {f.name: _label(table, f, where, first_row) for f in schema.labels} if with_labels else {}
@@ -259,20 +282,21 @@ def _rows(cols: _Columns, lo: int, hi: int, row_index: np.ndarray) -> Batch:
 
 
 def to_batch(table: pa.Table, schema: Schema, row_index: np.ndarray, where: str,
-             with_labels: bool = True, first_row: int = 0) -> Batch:
+             with_labels: bool = True, first_row: int = 0, side_bounds: SideBounds | None = None) -> Batch:
     """Convert a chunk of rows (already validated for types) into a Batch; `where` names its origin and
     `first_row` is the chunk's first row there (so messages name the row in the file)."""
-    return _rows(_columns(table, schema, where, with_labels, first_row), 0, table.num_rows, row_index)
+    cols = _columns(table, schema, where, with_labels, first_row, side_bounds or {})
+    return _rows(cols, 0, table.num_rows, row_index)
 
 
 def to_batches(table: pa.Table, schema: Schema, row_index: np.ndarray, where: str, batch_size: int,
-               drop_last: bool, with_labels: bool = True) -> list[Batch]:
+               drop_last: bool, with_labels: bool = True, side_bounds: SideBounds | None = None) -> list[Batch]:
     """Consecutive batches of `batch_size` rows, identical to `to_batch` on each slice.
 
     The columns are converted (and checked) once for the whole chunk and then cut by row range:
     Arrow's per-call overhead over ~20 columns, paid once per batch before, was a visible part
     of a DIN training step."""
-    cols = _columns(table, schema, where, with_labels, 0)
+    cols = _columns(table, schema, where, with_labels, 0, side_bounds or {})
     rows, out = table.num_rows, []
     for lo in range(0, rows, batch_size):
         hi = min(lo + batch_size, rows)

@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from trec_rank.config.schema import Schema
 from trec_rank.data.batch import Batch
-from trec_rank.data.convert import DataError, check_arrow_types, expected_columns, to_batch, to_batches
+from trec_rank.data.convert import DataError, SideBounds, check_arrow_types, expected_columns, to_batch, to_batches
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,13 @@ class RowGroup:
     rows: int
     base: int  # stable dataset row index of its first row (file order, then row)
     start: int = 0  # index of its first row within its file (for messages that name a row)
+
+
+def pin_for(device: torch.device) -> bool:
+    """Whether batches bound for `device` should sit in page-locked host memory: only for CUDA, where
+    it lets `to(device, non_blocking=True)` copy asynchronously instead of staging through a sync copy.
+    On CPU there is no copy to overlap, and pinning needs an accelerator."""
+    return device.type == "cuda"
 
 
 def _hidden(name: str) -> bool:
@@ -70,17 +77,23 @@ def list_parquet_files(path: str | Path) -> list[str]:
 
 
 class ParquetDataset:
-    """Opening validates every file (types always; values too when `validate='full'`)."""
+    """Opening validates every file (types always; values too when `validate='full'`).
+
+    `side_bounds` (from `config.models.side_bounds`) are the side columns the model reads as embedding
+    indices: each chunk is checked against them as it is converted, once, instead of every step in
+    the model. `pin_memory` (see `pin_for`) puts batches in page-locked memory: in the DataLoader's
+    pinning thread with workers, as each window is built without them."""
 
     def __init__(self, path: str | Path, schema: Schema, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  shuffle: bool = False, seed: int = 0, drop_last: bool = False, shuffle_buffer: int = 8192,
-                 num_workers: int = 0, with_labels: bool = True, validate: str = "full") -> None:
+                 num_workers: int = 0, with_labels: bool = True, validate: str = "full",
+                 side_bounds: SideBounds | None = None, pin_memory: bool = False) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         assert 0 <= rank < world_size
         self.schema, self.batch_size, self.rank, self.world_size = schema, batch_size, rank, world_size
         self.shuffle, self.seed, self.drop_last, self.num_workers = shuffle, seed, drop_last, num_workers
-        self.with_labels = with_labels
+        self.with_labels, self.side_bounds, self.pin_memory = with_labels, dict(side_bounds or {}), pin_memory
         self.columns = expected_columns(schema, with_labels)
         self.window = max(1, math.ceil(shuffle_buffer / batch_size)) * batch_size
         self.files = list_parquet_files(path)
@@ -122,7 +135,7 @@ class ParquetDataset:
             raise DataError(f"{g.file} (row group {g.index}): cannot be read ({err})") from None
 
     def _convert(self, table: pa.Table, row_index: np.ndarray, where: str, first_row: int = 0) -> Batch:
-        return to_batch(table, self.schema, row_index, where, self.with_labels, first_row)
+        return to_batch(table, self.schema, row_index, where, self.with_labels, first_row, self.side_bounds)
 
     def _check(self, g: RowGroup, table: pa.Table) -> None:
         """Convert a whole row group once for its checks; messages name the file and the row in it."""
@@ -183,7 +196,8 @@ class ParquetDataset:
             perm = np.random.default_rng([self.seed, epoch, self.rank, index]).permutation(len(row_index))
             table, row_index = table.take(perm), row_index[perm]
         where = f"rank {self.rank} epoch {epoch} window {index}"
-        return to_batches(table, self.schema, row_index, where, self.batch_size, self.drop_last, self.with_labels)
+        return to_batches(table, self.schema, row_index, where, self.batch_size, self.drop_last, self.with_labels,
+                          self.side_bounds)
 
     def batches(self, epoch: int = 0, start_batch: int = 0) -> Generator[Batch, None, None]:
         """This rank's batches for `epoch`, skipping the first `start_batch` (resume) without reading them."""
@@ -200,7 +214,9 @@ class ParquetDataset:
         stream: Iterable[list[Batch]] = windowed
         if self.num_workers > 0 and len(windows) > 1:
             stream = DataLoader(windowed, batch_size=None, num_workers=min(self.num_workers, len(windows)),
-                                collate_fn=_identity, multiprocessing_context="fork")
+                                collate_fn=_identity, multiprocessing_context="fork", pin_memory=self.pin_memory)
+        elif self.pin_memory:
+            stream = ([b.pin_memory() for b in window] for window in windowed)
         for i, window in enumerate(stream):
             yield from (window[drop:] if i == 0 else window)
 

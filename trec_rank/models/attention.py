@@ -124,7 +124,7 @@ class TargetAttention(nn.Module):
     def weights(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor,
                 segments: torch.Tensor | None = None) -> torch.Tensor:
         """Jagged attention weights [N] aligned with `keys` (lengths [B] cut them into rows)."""
-        segments = segment_ids(lengths) if segments is None else segments
+        segments = segment_ids(lengths, keys.shape[0]) if segments is None else segments
         scores = self._scores(query, keys, segments)
         if self.params.attention_norm == "softmax":
             return segment_softmax(scores, segments, lengths.numel())
@@ -132,7 +132,7 @@ class TargetAttention(nn.Module):
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """sum_j w_j k_j per row; rows without behaviours get zeros."""
-        segments = segment_ids(lengths)
+        segments = segment_ids(lengths, keys.shape[0])
         w = self.weights(query, keys, lengths, segments)
         out = torch.zeros(lengths.numel(), keys.shape[1], dtype=keys.dtype, device=keys.device)
         return out.index_add(0, segments, w.unsqueeze(1) * keys)

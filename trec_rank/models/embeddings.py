@@ -47,16 +47,20 @@ def pooled_values(kt: KeyedTensor, names: list[str]) -> torch.Tensor:
     return torch.cat([parts[n] for n in names], dim=1)
 
 
-def segment_ids(lengths: torch.Tensor) -> torch.Tensor:
-    """Row index of every jagged value: lengths [B] -> [N]."""
-    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long())
+def segment_ids(lengths: torch.Tensor, total: int) -> torch.Tensor:
+    """Row index of every jagged value: lengths [B] -> [N], N = `total` = lengths.sum().
+
+    The caller passes N from the values' shape: without it repeat_interleave reads the lengths back
+    to size its output, a host sync on every call on GPU."""
+    return torch.repeat_interleave(torch.arange(lengths.numel(), device=lengths.device), lengths.long(),
+                                   output_size=total)
 
 
 def pool(jt: JaggedTensor, mode: str = "mean") -> torch.Tensor:
     """Sum/mean of a jagged [N, D] per row -> padded-free [B, D]; empty rows give zeros."""
     values, lengths = jt.values(), jt.lengths()
     out = torch.zeros(lengths.numel(), values.shape[-1], dtype=values.dtype, device=values.device)
-    out = out.index_add(0, segment_ids(lengths), values)
+    out = out.index_add(0, segment_ids(lengths, values.shape[0]), values)
     if mode == "mean":
         out = out / lengths.clamp(min=1).unsqueeze(-1).to(values.dtype)
     return out
@@ -101,14 +105,3 @@ def materialize(model: torch.nn.Module, device: torch.device) -> torch.nn.Module
             reset()
     return model.to(device)
 
-
-def checked_side(values: torch.Tensor, num_values: int, what: str) -> torch.Tensor:
-    """A side column [N] as embedding indices, or a ValueError naming `what` if one lies outside
-    [0, num_values). One min/max reduction, read back once (a single device sync on GPU): an index
-    out of range would otherwise fail inside the lookup with no hint of which column or config key."""
-    values = values.long()
-    if values.numel():
-        low, high = (int(v) for v in torch.aminmax(values))
-        if low < 0 or high >= num_values:
-            raise ValueError(f"{what}: values must lie in [0, {num_values}), got [{low}, {high}]")
-    return values

@@ -26,7 +26,7 @@ from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
 from trec_rank.data.batch import Batch
 from trec_rank.models.attention import TargetAttention
-from trec_rank.models.embeddings import checked_side, pool, pooled_dim, pooled_values
+from trec_rank.models.embeddings import pool, pooled_dim, pooled_values
 from trec_rank.models.feedback import ExplicitFeedback
 from trec_rank.models.hstu import HSTUTargetEncoder
 from trec_rank.models.regularizer import MiniBatchL2
@@ -105,8 +105,9 @@ class FeatureEncoder(nn.Module):
                                   f"({self.dims[h]}-d) need one embedding width")
         return targets, hists
 
-    def _check_side(self, side: KeySide, hists: list[str], schema: Schema, key: str) -> tuple[str, int]:
-        """-> (the Batch.side key "<history>/<side>", num_values)."""
+    def _check_side(self, side: KeySide, hists: list[str], schema: Schema, key: str) -> str:
+        """-> the Batch.side key "<history>/<side>" (its values' range is checked by the loader:
+        `config.models.side_bounds`)."""
         if side.history not in hists:
             raise ConfigError(f"{key}.history: '{side.history}' is not a history of this group "
                               f"({', '.join(hists)})")
@@ -114,7 +115,7 @@ class FeatureEncoder(nn.Module):
         if side.side not in known:
             raise ConfigError(f"{key}.side: '{side.history}' has no side '{side.side}' in the schema "
                               f"(its sides: {', '.join(sorted(known)) or 'none'})")
-        return f"{side.history}/{side.side}", side.num_values
+        return f"{side.history}/{side.side}"
 
     def _build_feedback(self, p: FeedbackParams, device: torch.device) -> ExplicitFeedback:
         key = f"{KEY}.feedback"
@@ -145,7 +146,7 @@ class FeatureEncoder(nn.Module):
         return pooled[name]
 
     def _attend(self, unit: TargetAttention, targets: list[str], hists: list[str], pooled: KeyedTensor | None,
-                jagged: dict[str, JaggedTensor], sides: list[tuple[str, int]] | None = None,
+                jagged: dict[str, JaggedTensor], sides: list[str] | None = None,
                 side_embs: nn.ModuleList | None = None, batch: Batch | None = None) -> torch.Tensor:
         lengths = jagged[hists[0]].lengths()
         for h in hists[1:]:
@@ -154,19 +155,19 @@ class FeatureEncoder(nn.Module):
                                  "(different lengths in some row); they must be parallel lists")
         query = torch.cat([self._embed(t, pooled, jagged) for t in targets], dim=1)
         keys = torch.cat([jagged[h].values() for h in hists], dim=1)  # [N, dim], jagged
-        for (name, n), emb in zip(sides or [], side_embs or [], strict=True):
-            keys = keys + emb(self._side_values(name, n, keys.shape[0], batch))
+        for name, emb in zip(sides or [], side_embs or [], strict=True):
+            keys = keys + emb(self._side_values(name, keys.shape[0], batch))
         return unit(query, keys, lengths)
 
     @staticmethod
-    def _side_values(name: str, num_values: int, n: int, batch: Batch | None) -> torch.Tensor:
-        """The side column [N] aligned with the history's jagged values, checked against num_values."""
+    def _side_values(name: str, n: int, batch: Batch | None) -> torch.Tensor:
+        """The side column [N] aligned with the history's jagged values, as embedding indices."""
         if batch is None or name not in batch.side:
             raise ValueError(f"attention key side '{name}' is missing from the batch (is it declared as a "
                              "side column of the history in the schema?)")
         values = batch.side[name]
         assert values.shape[0] == n, f"side '{name}' has {values.shape[0]} values for {n} behaviours"
-        return checked_side(values, num_values, f"attention key side '{name}' (num_values)")
+        return values.long()
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None, dense: torch.Tensor,
                 batch: Batch | None = None) -> Encoded:

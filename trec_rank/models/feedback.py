@@ -61,7 +61,7 @@ def item_feedback_term(u: torch.Tensor, items: torch.Tensor, lengths: torch.Tens
     """mean over live rows with items of (mean over the row's items j of -log sigmoid(sign s(u, x_j)/tau)).
 
     u [B, D]; items [N, D] jagged with lengths [B]; live [B] float (0 = padding row)."""
-    rows = segment_ids(lengths)
+    rows = segment_ids(lengths, items.shape[0])
     per_item = -F.logsigmoid(sign * similarity(u[rows], items, kind) / tau)  # [N]
     weight = (live / lengths.clamp(min=1).to(u.dtype))[rows]  # each row's items sum to its live flag
     has = (lengths > 0).to(u.dtype) * live

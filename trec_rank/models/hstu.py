@@ -15,7 +15,7 @@ from trec_rank.config.encoder import HSTUConfig, HSTUTokenParams
 from trec_rank.config.models import HSTUParams
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
-from trec_rank.models.embeddings import checked_side, pool, pooled_dim
+from trec_rank.models.embeddings import pool, pooled_dim
 from trec_rank.models.hstu_encoder import (
     HSTUEncoder,
     HSTULayer,
@@ -32,16 +32,18 @@ __all__ = ["HSTUConfig", "HSTUEncoder", "HSTULayer", "HSTUOverArch", "HSTUParams
            "pointwise_attention", "time_buckets"]
 
 
-def action_tokens(items: torch.Tensor, table: torch.Tensor, actions: torch.Tensor, what: str) -> torch.Tensor:
+def action_tokens(items: torch.Tensor, table: torch.Tensor, actions: torch.Tensor) -> torch.Tensor:
     """History tokens that carry what the user did: item embedding + the embedding of the action on it.
 
-    items [N, D] jagged, table [A, D], actions [N] in [0, A) (checked; the error names `what`) -> [N, D].
+    items [N, D] jagged, table [A, D], actions [N] in [0, A) -> [N, D]. The range is the loader's to check,
+    once per chunk (ranking: `config.models.side_bounds`; retrieval: `retrieval/data.py`), not a
+    per-step device reduction and host read here.
     The one token construction of every action-aware encoder (the ranking HSTU here, retrieval's
     HSTU and SASRec in retrieval/model.py): adding rather than interleaving item and action tokens
     keeps sequence length, positions and attention cost those of the plain model, and a zero table
     gives the plain model's tokens exactly (docs/compare.md).
     """
-    return items + table[checked_side(actions, table.shape[0], what)]
+    return items + table[actions.long()]
 
 
 class HSTUTargetEncoder(nn.Module):
@@ -91,12 +93,11 @@ class HSTUTargetEncoder(nn.Module):
         h, lengths = hist.values(), hist.lengths().long()
         key = f"{self.p.history}/"
         if self.p.action_side:
-            h = action_tokens(h, self.action, side[key + self.p.action_side],
-                              f"side '{key + self.p.action_side}' (model.params.num_actions)")
+            h = action_tokens(h, self.action, side[key + self.p.action_side])
         no_time = h.new_zeros(h.shape[0], dtype=torch.long)
         ts = side[key + self.p.time_side].long() if self.p.time_side else no_time
         b = lengths.numel()
-        rows = torch.repeat_interleave(torch.arange(b, device=h.device), lengths)
+        rows = torch.repeat_interleave(torch.arange(b, device=h.device), lengths, output_size=h.shape[0])
         hist_idx = torch.arange(h.shape[0], device=h.device) + rows  # each earlier row adds one target slot
         tgt = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths + 1)[1:] - 1
         last_ts = torch.where(lengths > 0, F.pad(ts, (1, 0))[tgt - torch.arange(b, device=h.device)], 0)

@@ -15,6 +15,7 @@ length, its [n, L, L] time buckets and its [L, L] causal mask and relative-posit
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ def time_buckets(dt: torch.Tensor, num_buckets: int) -> torch.Tensor:
 def pad_ints(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch.Tensor:
     """Jagged integer values [N] -> padded [B, max_len] with zeros after each row's end (no autograd)."""
     out = values.new_zeros(offsets.numel() - 1, max_len)
-    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff())
+    rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=values.device), offsets.diff(),
+                                   output_size=values.numel())
     out[rows, torch.ops.fbgemm.offsets_range(offsets, values.numel())] = values
     return out
 
@@ -66,7 +68,8 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
          num_buckets: int) -> JaggedLayout:
     """lengths [B]; timestamps / query_ts [N] jagged -> the layout every HSTU layer of this batch uses.
 
-    One host read of the lengths (the group boundaries are Python ints); rows of length 0 join no group.
+    One host read of the sorted lengths (the group boundaries are Python ints; their offsets are summed
+    on the host rather than read back a second time); rows of length 0 join no group.
     """
     device = lengths.device
     lengths = lengths.long()
@@ -74,11 +77,13 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
     order = torch.argsort(lengths, descending=True, stable=True)
     sorted_len = lengths[order]
     sorted_off = torch.ops.fbgemm.asynchronous_complete_cumsum(sorted_len)
-    off_list = sorted_off.tolist()
-    within = torch.ops.fbgemm.offsets_range(sorted_off, off_list[-1])
-    perm = torch.repeat_interleave(offsets[:-1][order], sorted_len) + within
+    lens = sorted_len.tolist()
+    off_list = [0, *itertools.accumulate(lens)]
+    assert off_list[-1] == timestamps.numel() == query_ts.numel(), "timestamps must be jagged by `lengths`"
+    within = torch.ops.fbgemm.offsets_range(sorted_off, timestamps.numel())
+    perm = torch.repeat_interleave(offsets[:-1][order], sorted_len, output_size=timestamps.numel()) + within
     q_perm, t_perm = query_ts[perm], timestamps[perm]
-    groups, row, lens = [], 0, sorted_len.tolist()
+    groups, row = [], 0
     idx_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     while row < len(lens) and lens[row] > 0:
         longest, end = lens[row], row + 1

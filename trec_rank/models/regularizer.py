@@ -70,7 +70,7 @@ class MiniBatchL2(nn.Module):
             assert jagged is not None, name
             ids, lengths = batch.seq_feature(name)
             rows = jagged[name].values()
-            keep = (batch.weights[segment_ids(lengths)] > 0).to(rows.dtype)
+            keep = (batch.weights[segment_ids(lengths, rows.shape[0])] > 0).to(rows.dtype)
             return ids, rows, keep
         kjt = batch.sparse[name]
         lengths = kjt.lengths()

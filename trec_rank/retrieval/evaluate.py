@@ -69,7 +69,7 @@ def evaluate_split(model: RetrievalModel, reader: SplitReader, corpus: np.ndarra
         ids = batch.ids["seq"].values()
         is_target = torch.zeros_like(ids, dtype=torch.bool)
         is_target[torch.cumsum(lengths, 0) - 1] = True
-        rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths)
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths, output_size=ids.numel())
         seen = ~is_target  # the history window: filtered out of the ranking
         ranks = target_ranks(user @ table.T, column[ids[is_target]], rows[seen], column[ids[seen]])
         metrics.update(ranks, batch.weights, batch.users, ids[is_target])

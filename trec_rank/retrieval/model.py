@@ -81,7 +81,7 @@ class SequenceHead(nn.Module):
         x = tokens[inp]
         if self.action is not None:
             assert actions is not None and actions.shape[0] == tokens.shape[0], "actions must align with tokens"
-            x = action_tokens(x, self.action.weight, actions[inp], "data.action_column (data.num_actions)")
+            x = action_tokens(x, self.action.weight, actions[inp])
         out = self.encoder(x, lengths - 1, timestamps[inp], timestamps[tgt])
         return normalize(out), tgt
 
@@ -97,7 +97,7 @@ class SequenceHead(nn.Module):
         lengths = seq.lengths()
         user, tgt = self.user_states(seq.values(), lengths, timestamps, actions)
         pos = normalize(seq.values()[tgt])
-        pos_weights = torch.repeat_interleave(weights, lengths.long() - 1)
+        pos_weights = torch.repeat_interleave(weights, lengths.long() - 1, output_size=tgt.numel())
         return sampled_softmax_loss(user, pos, cand, neg_index, hit, pos_weights, self.temperature)
 
 

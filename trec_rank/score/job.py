@@ -26,8 +26,9 @@ import torch.distributed as dist
 from torchmetrics.functional.classification import binary_auroc
 
 from trec_rank.config.experiment import ExperimentConfig
+from trec_rank.config.models import side_bounds
 from trec_rank.data.convert import DataError
-from trec_rank.data.dataset import ParquetDataset, list_parquet_files
+from trec_rank.data.dataset import ParquetDataset, list_parquet_files, pin_for
 from trec_rank.parallel.env import DistEnv, init_distributed, shutdown
 from trec_rank.runtime import checkpoint
 from trec_rank.runtime.model import ranking_spec
@@ -222,7 +223,8 @@ def run(req: ScoreRequest) -> dict[str, Any] | None:
         part_rows = settings["part_rows"]
         ds = ParquetDataset(req.input, cfg.schema, batch_size, shuffle=False, drop_last=False,
                             shuffle_buffer=read_window(part_rows, batch_size), num_workers=cfg.data.num_workers,
-                            with_labels=settings["with_labels"], validate=cfg.data.validate)
+                            with_labels=settings["with_labels"], validate=cfg.data.validate,
+                            side_bounds=side_bounds(cfg.model.typed_params), pin_memory=pin_for(env.device))
         job = _job(req, ds, part_rows, settings["passthrough"], ckpt, state.get("step"))
         work = _from_rank0(env, lambda: _plan_work(req, env, job))
         if work["complete"]:
