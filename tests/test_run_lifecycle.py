@@ -142,7 +142,9 @@ def test_resume_under_a_plan_that_splits_columns_is_refused_naming_the_table(ml1
     column block, which DCP cannot split; one line names the table, both layouts and the ways out."""
     import yaml
 
-    cfg = yaml.safe_load((ROOT / CONFIG).read_text())
+    from trec_rank.config.experiment import read_config
+
+    cfg = read_config(ROOT / CONFIG)  # schema file inlined: the copy is written elsewhere
     next(t for t in cfg["schema"]["tables"] if t["name"] == "user")["embedding_dim"] = 256
     config = tmp_path / "wide_user.yaml"
     config.write_text(yaml.safe_dump(cfg))
