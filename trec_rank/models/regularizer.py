@@ -106,5 +106,10 @@ def occurrences_per_id(ids: torch.Tensor, keep: torch.Tensor, table_rows: int) -
     [M], the kept occurrences in the batch of the id at each position."""
     if table_rows <= DENSE_COUNT_ROWS_PER_ID * max(ids.numel(), 1):
         return torch.bincount(ids, weights=keep, minlength=table_rows)[ids]
-    _, inverse = torch.unique(ids, return_inverse=True)
-    return torch.zeros(ids.numel(), dtype=keep.dtype, device=ids.device).index_add_(0, inverse, keep)[inverse]
+    # sort, then each id's run of equal ids in the sorted order: no data-dependent shape, so no host sync
+    order = torch.argsort(ids)
+    ordered = ids[order]
+    kept = torch.cat([keep.new_zeros(1), torch.cumsum(keep[order], 0)])  # kept occurrences before each position
+    first = torch.searchsorted(ordered, ids)
+    end = torch.searchsorted(ordered, ids, right=True)
+    return kept[end] - kept[first]
