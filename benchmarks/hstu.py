@@ -73,7 +73,7 @@ def setup(seed: int = 0, lengths: str = "ml-100k") -> tuple[RetrievalModel, Retr
 def encoder_inputs(model: RetrievalModel, batch: RetrievalBatch) -> tuple[torch.Tensor, ...]:
     """(jagged input embeddings [N, D], input lengths [B], timestamps [N], query timestamps [N])."""
     seq = model.ec(batch.ids)["seq"]
-    inp, tgt = next_item_split(seq.lengths())
+    inp, tgt = next_item_split(seq.lengths(), seq.values().shape[0])
     return seq.values()[inp].detach(), seq.lengths() - 1, batch.timestamps[inp], batch.timestamps[tgt]
 
 

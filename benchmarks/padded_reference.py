@@ -67,7 +67,7 @@ def padded_step_loss(model: RetrievalModel, batch: RetrievalBatch) -> torch.Tens
     `model(batch)[0]` computes through the jagged path."""
     emb = model.ec(batch.ids)
     seq, lengths = emb["seq"], emb["seq"].lengths()
-    inp, tgt = next_item_split(lengths)
+    inp, tgt = next_item_split(lengths, seq.values().shape[0])
     user = normalize(padded_hstu(model.head.encoder, seq.values()[inp], lengths - 1, batch.timestamps[inp],
                                  batch.timestamps[tgt]))
     weights = torch.repeat_interleave(batch.weights, lengths.long() - 1)

@@ -62,7 +62,8 @@ class MiniBatchL2(nn.Module):
     def _occurrences(self, name: str, in_sequence: bool, pooled: KeyedTensor | None,
                      jagged: dict[str, JaggedTensor] | None, batch: Batch
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids [M], looked-up rows [M, D], keep [M] float: 1 for rows with weight > 0) of one feature.
+        """(ids [M], looked-up rows [M, D], keep [M] float: 1 for the occurrences the penalty covers) of one
+        feature.
 
         Sequence occurrences are masked by `keep` rather than selected: boolean indexing of the
         [N, D] rows, and its index_put backward, cost more than the whole penalty."""
@@ -73,12 +74,11 @@ class MiniBatchL2(nn.Module):
             keep = (batch.weights[segment_ids(lengths, rows.shape[0])] > 0).to(rows.dtype)
             return ids, rows, keep
         kjt = batch.sparse[name]
-        lengths = kjt.lengths()
-        keep = (lengths == 1) & (batch.weights > 0)
-        starts = kjt.offsets()[:-1]
+        keep = (kjt.lengths() == 1) & (batch.weights > 0)
         assert pooled is not None, name
-        rows = pooled[name][keep]
-        return kjt.values()[starts[keep]], rows, rows.new_ones(rows.shape[0])
+        rows = pooled[name]  # [B, D]; bags that are not exactly one id are masked, not selected (no sync)
+        values = torch.cat([kjt.values(), kjt.values().new_zeros(1)])  # an empty last bag's start is in range
+        return values[kjt.offsets()[:-1]], rows, keep.to(rows.dtype)
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 batch: Batch) -> torch.Tensor:

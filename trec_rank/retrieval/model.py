@@ -35,18 +35,20 @@ def normalize(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x, dim=-1, eps=1e-6)
 
 
-def next_item_split(lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def next_item_split(lengths: torch.Tensor, total: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Jagged rows of tokens -> (input index [P], target index [P]): tokens[:-1] and tokens[1:] of every row.
 
-    lengths [B] (each >= 1); the indices address the row-concatenated token values [sum(lengths)].
+    lengths [B] (each >= 1), total = sum(lengths) = the token values' row count, read off their shape;
+    P = total - B. A stable sort moving each row's last (first) position behind all others selects the
+    rest without `nonzero`, whose data-dependent size would need a host sync every step.
     """
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
-    total = int(offsets[-1])
-    first = torch.zeros(total, dtype=torch.bool, device=lengths.device)
+    first = torch.zeros(total, dtype=torch.int8, device=lengths.device)
     last = torch.zeros_like(first)
-    first[offsets[:-1]] = True
-    last[offsets[1:] - 1] = True
-    return (~last).nonzero().squeeze(1), (~first).nonzero().squeeze(1)
+    first[offsets[:-1]] = 1
+    last[offsets[1:] - 1] = 1
+    pairs = total - lengths.numel()
+    return torch.argsort(last, stable=True)[:pairs], torch.argsort(first, stable=True)[:pairs]
 
 
 class ActionEmbedding(nn.Module):
@@ -77,7 +79,7 @@ class SequenceHead(nn.Module):
         State p reads tokens (with their actions) up to its position and queries at the next token's
         timestamp; the next token's own action never enters it.
         """
-        inp, tgt = next_item_split(lengths)
+        inp, tgt = next_item_split(lengths, tokens.shape[0])
         x = tokens[inp]
         if self.action is not None:
             assert actions is not None and actions.shape[0] == tokens.shape[0], "actions must align with tokens"
