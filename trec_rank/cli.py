@@ -66,9 +66,16 @@ def load_config_only(config: str, overrides: list[str]) -> Any:
     return load_config(config, overrides)
 
 
+def is_retrieval(cfg: Any) -> bool:
+    """A loaded retrieval (HSTU/SASRec next-item) config, as opposed to a ranking one."""
+    from trec_rank.retrieval.config import RetrievalConfig
+
+    return isinstance(cfg, RetrievalConfig)
+
+
 def model_spec(cfg: Any) -> Any:
     """The ModelSpec (what is sharded, planned and checkpointed) of a loaded config."""
-    if getattr(cfg, "kind", None) == "retrieval":
+    if is_retrieval(cfg):
         from trec_rank.retrieval.trainer import retrieval_spec
 
         return retrieval_spec(cfg)
@@ -87,7 +94,7 @@ def require_data(cfg: Any, config: str, splits: list[str]) -> None:
     """Before anything heavy loads: the data the job reads exists (retrieval: data.path; ranking: its
     `splits` under data.path), else one line naming the path as written and the command that makes it."""
     root = Path(cfg.data.path)
-    paths = [root] if getattr(cfg, "kind", None) == "retrieval" else [root / s for s in splits]
+    paths = [root] if is_retrieval(cfg) else [root / s for s in splits]
     for path in paths:
         if not path.exists():
             raise FileNotFoundError(f"{config}: data.path {cfg.data.path}: {path} does not exist; "
@@ -113,7 +120,7 @@ def train(config: str, overrides: list[str], run_dir: str, resume: bool = False,
     if resume and overwrite:
         raise ValueError("--resume continues the run in --run-dir, --overwrite replaces it: pass one of them")
     cfg = load_config_only(config, overrides)  # config and data mistakes surface before torch loads
-    require_data(cfg, config, [] if getattr(cfg, "kind", None) == "retrieval"
+    require_data(cfg, config, [] if is_retrieval(cfg)
                  else [cfg.data.train_split, *cfg.data.eval_splits])
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.runtime import checkpoint
@@ -130,7 +137,7 @@ def train(config: str, overrides: list[str], run_dir: str, resume: bool = False,
 
             plan = load_plan(plan_path, spec, env.world_size, env.local_world_size, env.device.type)
         trainer: Any
-        if getattr(cfg, "kind", None) == "retrieval":
+        if is_retrieval(cfg):
             from trec_rank.retrieval.trainer import RetrievalTrainer
 
             trainer = RetrievalTrainer(cfg, env, run_dir, plan)
@@ -158,7 +165,7 @@ def evaluate(config: str, overrides: list[str], ckpt_path: str, run_dir: str | N
     import json
 
     cfg = load_config_only(config, overrides)  # config and data mistakes surface before torch loads
-    retrieval = getattr(cfg, "kind", None) == "retrieval"
+    retrieval = is_retrieval(cfg)
     require_data(cfg, config, [] if retrieval else splits or cfg.data.eval_splits)
     from trec_rank.parallel.env import init_distributed, shutdown
     from trec_rank.runtime import checkpoint

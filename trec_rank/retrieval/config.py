@@ -1,4 +1,4 @@
-"""The retrieval experiment config (`kind: retrieval` YAML files), and the view the shared planner reads.
+"""The retrieval experiment config (`kind: retrieval` YAML files), typed and validated on load.
 
 Retrieval trains on one row per user (an item sequence), not on labelled events, so it has its
 own top-level dataclass; the sections it shares with ranking (`train.optim`, `sharding`) are the
