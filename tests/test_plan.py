@@ -173,8 +173,11 @@ def test_fingerprint_mismatch_is_refused(tmp_path: Path, capsys: pytest.CaptureF
     next(t for t in cfg.schema.tables if t.name == "user").embedding_dim = 32
     with pytest.raises(ValueError, match=r"table model\.ebc\.user: plan has 944x16, config has 944x32"):
         load_plan(plan_file, ranking_spec(cfg), 2, 2, "cpu")
-    # the real trainer refuses it before touching data: one process != the plan's two ranks
-    proc = run_cli("train", CONFIG, "--run-dir", str(tmp_path / "run"), "--plan", str(plan_file), check=False)
+    # the real trainer refuses it before reading data: one process != the plan's two ranks
+    for split in ("train", "valid", "test"):  # the split folders must exist (checked before anything loads)
+        (tmp_path / "data" / split).mkdir(parents=True)
+    proc = run_cli("train", CONFIG, "--run-dir", str(tmp_path / "run"), "--plan", str(plan_file),
+                   "--set", f"data.path={tmp_path / 'data'}", check=False)
     assert proc.returncode == 2 and "world_size: plan has 2, this job has 1" in proc.stderr
 
 

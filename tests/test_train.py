@@ -83,13 +83,16 @@ def test_adult_two_tasks(adult_dir: Path, tmp_path: Path) -> None:
     (["train.optim.sparse=adam"], "train.optim.sparse: 'adam' is not supported by fbgemm on CPU"),
     (["train.epochs=zero"], "train.epochs: expected an integer"),
     (["train.lr=0.1"], "unknown config key 'train.lr'"),
-    (["data.path=/nonexistent"], "data path not found: /nonexistent/train"),
+    (["data.path=/nonexistent"], "data.path /nonexistent: /nonexistent/train does not exist"),
 ])
 def test_user_errors_exit_2_with_named_key(tmp_path: Path, sets: list[str], message: str) -> None:
-    args = ["train", CONFIG, "--run-dir", str(tmp_path)]
+    splits = tmp_path / "data"  # the split folders exist (checked first), so the config's own mistake shows
+    for split in ("train", "valid", "test"):
+        (splits / split).mkdir(parents=True)
+    args = ["train", CONFIG, "--run-dir", str(tmp_path / "run"), "--set", f"data.path={splits}"]
     for s in sets:
         args += ["--set", s]
     proc = run_cli(*args, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert message in proc.stderr
-    assert not (tmp_path / "metrics.json").exists()
+    assert not (tmp_path / "run").exists()
