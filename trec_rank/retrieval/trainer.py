@@ -43,7 +43,7 @@ from trec_rank.retrieval.evaluate import evaluate_split
 from trec_rank.retrieval.model import build_retrieval_model
 from trec_rank.runtime.eval_rows import write_retrieval_rows
 from trec_rank.runtime.model import ModelSpec, build_optimizer, shard_model
-from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal
+from trec_rank.runtime.run import Run, StepWindow, StopSignal
 
 log = logging.getLogger(__name__)
 EVAL_SPLITS = ("valid", "test")
@@ -145,16 +145,6 @@ class RetrievalTrainer:
     def _step_limit_hit(self) -> bool:
         return 0 < self.cfg.train.max_steps <= self.step
 
-    def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
-        """The one host sync of a logging interval (NaN check, stop request), on every rank alike."""
-        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-        self.run.start()
-        if signum:
-            if self.run.saved_step != self.step:
-                self.save()
-            raise Interrupted(self.step, signum)
-        return mean
-
     def _train_epoch(self, stop: StopSignal | None) -> bool:
         """Steps until the epoch ends (True) or max_steps is hit (False)."""
         tc, t0, n0 = self.cfg.train, time.perf_counter(), self.step
@@ -166,7 +156,7 @@ class RetrievalTrainer:
                     (loss,) = pipeline.progress(batches)
                 except StopIteration:
                     pipeline.detach()
-                    self._sync(window, stop)
+                    self.run.sync(window, stop, self.step, self.save)
                     return True
                 self.step += 1
                 self.batch_in_epoch += 1
@@ -174,7 +164,7 @@ class RetrievalTrainer:
                 logs = self.step % tc.log_every == 0
                 saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0
                 if logs or saves or self._step_limit_hit():
-                    mean = self._sync(window, stop)
+                    mean = self.run.sync(window, stop, self.step, self.save)
                     if logs and self.env.is_main:
                         rate = (self.step - n0) / max(time.perf_counter() - t0, 1e-9)
                         log.info("step %d loss %.4f (%.2f steps/s)", self.step, mean, rate)

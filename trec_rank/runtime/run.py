@@ -21,6 +21,7 @@ import shutil
 import signal
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -179,6 +180,18 @@ class Run:
             self.write_json(RUN_FILE, {"run_id": uuid.uuid4().hex[:12], "fingerprint": self.spec.fingerprint,
                                        "config_fingerprint": fingerprint(self.config)})
         (self.dir / "config.json").write_text(json.dumps(self.config, indent=1))
+
+    def sync(self, window: StepWindow, stop: StopSignal | None, step: int, save: Callable[[], Any]) -> float:
+        """The one host sync of a logging interval, on every rank alike: NaN check (NonFiniteLoss), the
+        run's files once a step has run, and a stop request (a checkpoint at `step` unless it has one,
+        then Interrupted). Returns this rank's mean loss over the window."""
+        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.dir / 'checkpoints'}")
+        self.start()
+        if signum:
+            if self.saved_step != step:
+                save()
+            raise Interrupted(step, signum)
+        return mean
 
     def append_history(self, entry: dict[str, Any]) -> None:
         if self.env.is_main:

@@ -29,7 +29,7 @@ from trec_rank.runtime import faults
 from trec_rank.runtime.eval_rows import RankingRows
 from trec_rank.runtime.metrics import EvalMetrics, subset_aucs
 from trec_rank.runtime.model import build_optimizer, ranking_spec, shard_model
-from trec_rank.runtime.run import Interrupted, Run, StepWindow, StopSignal, Stopwatch, all_finite
+from trec_rank.runtime.run import Run, StepWindow, StopSignal, Stopwatch, all_finite
 from trec_rank.train.build import group_ids, open_split
 
 log = logging.getLogger(__name__)
@@ -189,14 +189,8 @@ class Trainer:
             yield loss.detach()
 
     def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
-        """The one host sync of a logging interval: NaN check and stop request, on every rank alike."""
         self.force_sync = False
-        mean, signum = window.sync(stop, self.env.rank, f"last good checkpoint kept in {self.run_dir / 'checkpoints'}")
-        if signum:
-            if self.run.saved_step != self.step:
-                self.save()
-            raise Interrupted(self.step, signum)
-        return mean
+        return self.run.sync(window, stop, self.step, self.save)
 
     def fit(self, stop: StopSignal | None = None) -> dict[str, dict[str, float]]:
         tc, main = self.cfg.train, self.env.is_main
@@ -230,7 +224,6 @@ class Trainer:
                     last and self.batch_in_epoch < per_epoch
                 if logs or evals or saves or last or self.force_sync:
                     mean = self._sync(window, stop)
-                    self.run.start()
                     if logs and main:
                         rate = (self.step - n0) * rows_per_step / max(self.clock.seconds - t0, 1e-9)
                         bar.set_postfix(loss=f"{mean:.4f}", samples_s=f"{rate:,.0f}")
@@ -246,7 +239,6 @@ class Trainer:
                     break
             else:
                 self._sync(window, stop)
-                self.run.start()
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 paused = self.clock.pause()
                 if not tc.checkpoint_every and self.run.saved_step != self.step:
