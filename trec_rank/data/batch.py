@@ -28,6 +28,9 @@ class Batch(Pipelineable):
     weights:   [B] float32; 1 for real rows, 0 for lockstep padding rows that metrics must ignore.
     row_index: [B] int64, the row's stable position in the dataset (file order, then row), for
                exactly-once checks and joining scores back to inputs.
+    host_lengths: sequence feature -> its lengths [B] int64, kept on the host: `to()` never moves
+               them. Encoders that plan on the host (HSTU's length groups, SASRec's padded length)
+               read them instead of copying the device lengths back, a stall on every GPU step.
     """
 
     dense: torch.Tensor
@@ -37,6 +40,7 @@ class Batch(Pipelineable):
     labels: dict[str, torch.Tensor] = field(default_factory=dict)
     weights: torch.Tensor = field(default_factory=lambda: torch.empty(0))
     row_index: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    host_lengths: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def batch_size(self) -> int:

@@ -278,6 +278,7 @@ def _rows(cols: _Columns, lo: int, hi: int, row_index: np.ndarray) -> Batch:
         labels={k: torch.from_numpy(v[lo:hi].copy()) for k, v in cols.labels.items()},
         weights=torch.ones(hi - lo),
         row_index=torch.from_numpy(row_index[lo:hi].astype(np.int64)),
+        host_lengths={n: torch.from_numpy(j.lengths[lo:hi].astype(np.int64)) for n, j in cols.sequence},
     )
 
 

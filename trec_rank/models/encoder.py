@@ -180,7 +180,7 @@ class FeatureEncoder(nn.Module):
             parts.append(self._attend(unit, targets, hists, pooled, seq, sides, embs, batch))
         if self.hstu is not None:
             assert batch is not None, "needs_batch is set when hstu is: RankingModel passes the batch"
-            parts.append(self.hstu(jagged, batch.side))  # [B, D] at the target tokens
+            parts.append(self.hstu(jagged, batch.side, batch.host_lengths))  # [B, D] at the target tokens
         parts.append(dense)
         aux = []
         if self.feedback is not None:

@@ -15,6 +15,7 @@ from trec_rank.config.encoder import HSTUConfig, HSTUTokenParams
 from trec_rank.config.models import HSTUParams
 from trec_rank.config.schema import Schema
 from trec_rank.config.typed import ConfigError
+from trec_rank.data.batch import Batch
 from trec_rank.models.embeddings import pool, pooled_dim
 from trec_rank.models.hstu_encoder import (
     HSTUEncoder,
@@ -108,10 +109,14 @@ class HSTUTargetEncoder(nn.Module):
         query = torch.cat([all_ts[1:], all_ts[-1:]]).index_put((tgt,), last_ts)
         return tokens, lengths + 1, all_ts, query, tgt
 
-    def forward(self, jagged: dict[str, JaggedTensor], side: dict[str, torch.Tensor]) -> torch.Tensor:
-        """EC outputs (`history` jagged [N, D], `target` [B, D]) + side columns -> [B, D] at the targets."""
+    def forward(self, jagged: dict[str, JaggedTensor], side: dict[str, torch.Tensor],
+                host_lengths: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """EC outputs (`history` jagged [N, D], `target` [B, D]) + side columns -> [B, D] at the targets.
+
+        host_lengths: `Batch.host_lengths`; the history's CPU lengths spare the encoder a device read."""
         tokens, lengths, ts, query, tgt = self.tokens(jagged, side)
-        return self.encoder(tokens, lengths, ts, query)[tgt]
+        host = (host_lengths or {}).get(self.p.history)
+        return self.encoder(tokens, lengths, ts, query, None if host is None else host + 1)[tgt]
 
 
 class HSTUOverArch(nn.Module):
@@ -130,10 +135,14 @@ class HSTUOverArch(nn.Module):
         self.heads = nn.ModuleDict({t: nn.Linear(self.mlp.out_dim, 1, device=device)
                                     for t in tasks})
 
+    needs_batch = True  # for Batch.host_lengths (models/ranking.py)
+
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
-                dense: torch.Tensor, side: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+                dense: torch.Tensor, side: dict[str, torch.Tensor], batch: Batch | None = None
+                ) -> dict[str, torch.Tensor]:
         assert jagged is not None, "the HSTU over-arch needs the EmbeddingCollection outputs"
-        encoded = self.target_encoder(jagged, side)  # [B, D] at the target tokens
+        host = batch.host_lengths if batch is not None else None
+        encoded = self.target_encoder(jagged, side, host)  # [B, D] at the target tokens
         parts = [encoded] + ([] if pooled is None else [pooled.values()])
         parts += [pool(jagged[name], mode) for name, mode in self.others]
         h = self.mlp(torch.cat([*parts, dense], dim=1))

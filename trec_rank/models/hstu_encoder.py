@@ -152,11 +152,13 @@ class HSTUEncoder(nn.Module):
         self.layers = nn.ModuleList(HSTULayer(dim, max_len, cfg, device) for _ in range(cfg.num_blocks))
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
-                query_ts: torch.Tensor) -> torch.Tensor:
-        """emb [N, D], timestamps/query_ts [N] (jagged, aligned), lengths [B] -> [N, D] jagged."""
+                query_ts: torch.Tensor, host_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """emb [N, D], timestamps/query_ts [N] (jagged, aligned), lengths [B] -> [N, D] jagged.
+
+        host_lengths: `lengths` on the CPU when the caller has them (no device read; see `plan`)."""
         if emb.shape[0] == 0:
             return emb
-        layout = plan(lengths, timestamps, query_ts, self.max_len, self.num_buckets)
+        layout = plan(lengths, timestamps, query_ts, self.max_len, self.num_buckets, host_lengths)
         x = self.input(emb[layout.perm], layout.positions)
         for layer in self.layers:
             x = layer(x, layout)

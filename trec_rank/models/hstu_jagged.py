@@ -65,11 +65,13 @@ class JaggedLayout:
 
 
 def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor, max_len: int,
-         num_buckets: int) -> JaggedLayout:
+         num_buckets: int, host_lengths: torch.Tensor | None = None) -> JaggedLayout:
     """lengths [B]; timestamps / query_ts [N] jagged -> the layout every HSTU layer of this batch uses.
 
-    One host read of the sorted lengths (the group boundaries are Python ints; their offsets are summed
-    on the host rather than read back a second time); rows of length 0 join no group.
+    The group boundaries are Python ints, so the sorted lengths must be on the host. `host_lengths`
+    (the same [B] lengths on the CPU, as the loader made them: `Batch.host_lengths`) gives them with
+    no device read; without it they are read back from `lengths` once, a sync on a GPU. Their offsets
+    are summed on the host rather than read back a second time; rows of length 0 join no group.
     """
     device = lengths.device
     lengths = lengths.long()
@@ -77,7 +79,11 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
     order = torch.argsort(lengths, descending=True, stable=True)
     sorted_len = lengths[order]
     sorted_off = torch.ops.fbgemm.asynchronous_complete_cumsum(sorted_len)
-    lens = sorted_len.tolist()
+    if host_lengths is not None:
+        assert host_lengths.device.type == "cpu" and host_lengths.numel() == lengths.numel(), "host_lengths: [B] on CPU"
+        lens = sorted(host_lengths.tolist(), reverse=True)  # the values of sorted_len, tie order aside
+    else:
+        lens = sorted_len.tolist()
     off_list = [0, *itertools.accumulate(lens)]
     assert off_list[-1] == timestamps.numel() == query_ts.numel(), "timestamps must be jagged by `lengths`"
     within = torch.ops.fbgemm.offsets_range(sorted_off, timestamps.numel())

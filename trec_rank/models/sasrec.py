@@ -61,10 +61,14 @@ class SASRecEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(dim, eps=1e-8, device=device)
 
     def forward(self, emb: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
-                query_ts: torch.Tensor) -> torch.Tensor:
-        """emb [N, D] jagged, lengths [B] -> [N, D] jagged (timestamps, query_ts: unused)."""
+                query_ts: torch.Tensor, host_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        """emb [N, D] jagged, lengths [B] -> [N, D] jagged (timestamps, query_ts: unused).
+
+        host_lengths: `lengths` on the CPU when the caller has them: the padded length is read there,
+        not off the device (a sync per step on a GPU)."""
         offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
-        length = int(lengths.max()) if lengths.numel() else 0
+        known = host_lengths if host_lengths is not None else lengths
+        length = int(known.max()) if known.numel() else 0
         x = self.input(emb, jagged_positions(offsets, emb.shape[0]))
         x = torch.ops.fbgemm.jagged_to_padded_dense(x, [offsets], [length], 0.0)
         for block in self.blocks:

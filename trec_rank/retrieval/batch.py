@@ -36,6 +36,8 @@ class RetrievalBatch(Pipelineable):
     weights:    [B] float32 (0: lockstep padding row).
     users:      [B] int64 user row in the sequence files.
     actions:    [T] int64 action on each `seq` value (e.g. its rating), or [0] when the model reads none.
+    host_lengths: [B] int64 `seq` lengths kept on the host (`to()` never moves them): the encoders plan
+                their padding and length groups from them without reading the device.
     """
 
     ids: KeyedJaggedTensor
@@ -45,6 +47,7 @@ class RetrievalBatch(Pipelineable):
     weights: torch.Tensor
     users: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
     actions: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    host_lengths: torch.Tensor | None = None
 
     def _map(self, fn) -> RetrievalBatch:  # noqa: ANN001 - fn: tensor-like -> tensor-like
         return replace(self, ids=fn(self.ids), timestamps=fn(self.timestamps), neg_index=fn(self.neg_index),
@@ -118,7 +121,7 @@ def train_batch(w: Window, sampler: NegativeSampler, epoch: int, rank: int, batc
         neg_index=torch.from_numpy(neg_index.astype(np.int64)),
         hit=torch.from_numpy(cand[neg_index] == pos[:, None]),
         weights=torch.full((len(w.lengths),), w.weight), users=torch.from_numpy(w.users),
-        actions=torch.from_numpy(w.actions))
+        actions=torch.from_numpy(w.actions), host_lengths=torch.from_numpy(w.lengths.astype(np.int64)))
 
 
 def eval_batch(w: Window) -> RetrievalBatch:
@@ -129,4 +132,4 @@ def eval_batch(w: Window) -> RetrievalBatch:
         timestamps=torch.from_numpy(w.timestamps), neg_index=torch.zeros(p, 0, dtype=torch.long),
         hit=torch.zeros(p, 0, dtype=torch.bool),
         weights=torch.full((len(w.lengths),), w.weight), users=torch.from_numpy(w.users),
-        actions=torch.from_numpy(w.actions))
+        actions=torch.from_numpy(w.actions), host_lengths=torch.from_numpy(w.lengths.astype(np.int64)))

@@ -65,7 +65,8 @@ def evaluate_split(model: RetrievalModel, reader: SplitReader, corpus: np.ndarra
         batch = eval_batch(window).to(device)
         seq = model.ec(batch.ids)["seq"]
         lengths = seq.lengths().long()
-        user = model.head.last_states(seq.values(), lengths, batch.timestamps, batch.actions)  # [B, D]
+        user = model.head.last_states(seq.values(), lengths, batch.timestamps, batch.actions,
+                                      batch.host_lengths)  # [B, D]
         ids = batch.ids["seq"].values()
         is_target = torch.zeros_like(ids, dtype=torch.bool)
         is_target[torch.cumsum(lengths, 0) - 1] = True

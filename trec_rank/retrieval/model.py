@@ -72,9 +72,11 @@ class SequenceHead(nn.Module):
         self.encoder, self.temperature, self.action = encoder, temperature, action
 
     def user_states(self, tokens: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
-                    actions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """tokens [T, D], lengths [B], timestamps [T], actions [T] (action-aware heads only) ->
-        (unit-norm states [P, D], target index [P]).
+                    actions: torch.Tensor | None = None, host_lengths: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens [T, D], lengths [B], timestamps [T], actions [T] (action-aware heads only),
+        host_lengths [B] (the lengths on the CPU, optional: the encoder then plans without a device read)
+        -> (unit-norm states [P, D], target index [P]).
 
         State p reads tokens (with their actions) up to its position and queries at the next token's
         timestamp; the next token's own action never enters it.
@@ -84,20 +86,23 @@ class SequenceHead(nn.Module):
         if self.action is not None:
             assert actions is not None and actions.shape[0] == tokens.shape[0], "actions must align with tokens"
             x = action_tokens(x, self.action.weight, actions[inp])
-        out = self.encoder(x, lengths - 1, timestamps[inp], timestamps[tgt])
+        out = self.encoder(x, lengths - 1, timestamps[inp], timestamps[tgt],
+                           None if host_lengths is None else host_lengths - 1)
         return normalize(out), tgt
 
     def last_states(self, tokens: torch.Tensor, lengths: torch.Tensor, timestamps: torch.Tensor,
-                    actions: torch.Tensor | None = None) -> torch.Tensor:
+                    actions: torch.Tensor | None = None, host_lengths: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """Each row's user embedding for its last token (the eval target): [B, D] unit norm."""
-        states, _ = self.user_states(tokens, lengths, timestamps, actions)
+        states, _ = self.user_states(tokens, lengths, timestamps, actions, host_lengths)
         return states[torch.cumsum(lengths.long() - 1, 0) - 1]
 
     def forward(self, emb: dict[str, JaggedTensor], timestamps: torch.Tensor, neg_index: torch.Tensor,
-                hit: torch.Tensor, weights: torch.Tensor, actions: torch.Tensor | None = None) -> torch.Tensor:
+                hit: torch.Tensor, weights: torch.Tensor, actions: torch.Tensor | None = None,
+                host_lengths: torch.Tensor | None = None) -> torch.Tensor:
         seq, cand = emb["seq"], normalize(emb["neg"].values())
         lengths = seq.lengths()
-        user, tgt = self.user_states(seq.values(), lengths, timestamps, actions)
+        user, tgt = self.user_states(seq.values(), lengths, timestamps, actions, host_lengths)
         pos = normalize(seq.values()[tgt])
         pos_weights = torch.repeat_interleave(weights, lengths.long() - 1, output_size=tgt.numel())
         return sampled_softmax_loss(user, pos, cand, neg_index, hit, pos_weights, self.temperature)
@@ -112,7 +117,8 @@ class RetrievalModel(nn.Module):
 
     def forward(self, batch: RetrievalBatch) -> tuple[torch.Tensor, tuple[torch.Tensor]]:
         emb = self.ec(batch.ids)
-        loss = self.head(emb, batch.timestamps, batch.neg_index, batch.hit, batch.weights, batch.actions)
+        loss = self.head(emb, batch.timestamps, batch.neg_index, batch.hit, batch.weights, batch.actions,
+                         batch.host_lengths)
         return loss, (loss.detach(),)
 
 
