@@ -51,7 +51,8 @@ def summary(runs: list[Path]) -> dict[str, str | float]:
     """mean +- sd over seeds of the test metrics, valid NDCG@10 mean, seconds per epoch."""
     metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
     epochs = [len((r / "metrics_history.jsonl").read_text().splitlines()) for r in runs]
-    walls = [json.loads((r / "wall.json").read_text())["seconds"] if (r / "wall.json").is_file() else float("nan")
+    # a run resumed after a stop has no wall.json: its time per epoch is unknown, so it is left out
+    walls = [json.loads((r / "wall.json").read_text())["seconds"] if (r / "wall.json").is_file() else None
              for r in runs]
     out: dict[str, str | float] = {}
     for m in METRICS:
@@ -59,12 +60,13 @@ def summary(runs: list[Path]) -> dict[str, str | float]:
         sd = statistics.stdev(vals) if len(vals) > 1 else float("nan")
         out[m] = f"{statistics.mean(vals):.4f} +- {sd:.4f}"
     out["valid"] = statistics.mean(x["valid"]["ndcg@10"] for x in metrics)
-    out["s/epoch"] = f"{statistics.mean(w / e for w, e in zip(walls, epochs, strict=True)):.1f}"
+    timed = [w / e for w, e in zip(walls, epochs, strict=True) if w is not None]
+    out["s/epoch"] = f"{statistics.mean(timed):.1f} ({len(timed)} runs)" if timed else "—"
     return out
 
 
-def paired(a: list[Path], b: list[Path], out: Path) -> dict:
-    proc = cli("compare", "--a", *map(str, a), "--b", *map(str, b), "--metrics", ",".join(METRICS), "--json",
+def paired(a: list[Path], b: list[Path], out: Path, metrics: list[str] = METRICS) -> dict:
+    proc = cli("compare", "--a", *map(str, a), "--b", *map(str, b), "--metrics", ",".join(metrics), "--json",
                str(out))
     if proc.returncode:
         raise RuntimeError(f"trec-rank compare exited {proc.returncode}: {proc.stderr.strip()}")

@@ -199,11 +199,15 @@ class Run:
             with open(self.dir / "metrics_history.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def truncate_history(self, step: int) -> None:
-        """On resume from `step`: drop the entries a killed attempt wrote at or after it (they are redone)."""
+    def truncate_history(self, step: int, eval_pending: bool) -> None:
+        """On resume from `step`: drop the entries a killed attempt wrote after it, which are redone. The
+        entry *at* `step` is redone only when the checkpoint says its eval is pending (saved right before
+        it); otherwise that eval belongs to the checkpoint's past and is kept (a checkpoint written after
+        its eval would otherwise lose that epoch's line for good)."""
         path = self.dir / "metrics_history.jsonl"
         if self.env.is_main and path.is_file():
-            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] < step]
+            keep = [line for line in path.read_text().splitlines()
+                    if json.loads(line)["step"] < step or (json.loads(line)["step"] == step and not eval_pending)]
             path.write_text("".join(line + "\n" for line in keep))
 
     def write_json(self, name: str, value: dict[str, Any], sort_keys: bool = True) -> None:
@@ -231,7 +235,7 @@ class Run:
             log.info("initialised weights from %s", ckpt)
         else:
             self.saved_step = state["step"]
-            self.truncate_history(state["step"])
+            self.truncate_history(state["step"], bool(state.get("eval_pending", False)))
             log.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, state["step"], state["epoch"],
                      state["batch_in_epoch"])
         return state
