@@ -36,7 +36,7 @@ from torchrec.pt2.utils import deregister_fake_classes, register_fake_classes
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from trec_rank.models import hstu_encoder
-from trec_rank.models.hstu_jagged import Group, JaggedLayout, pad_ints, time_buckets
+from trec_rank.models.hstu_jagged import Group, JaggedLayout, time_buckets
 from trec_rank.models.ranking import RankingModel
 
 
@@ -45,7 +45,9 @@ def padded_plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch
     """`hstu_jagged.plan` with one group: every row padded to max_len, values in their original order."""
     n, device = timestamps.shape[0], lengths.device
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
-    query, keys = pad_ints(query_ts, offsets, max_len), pad_ints(timestamps, offsets, max_len)  # [B, L]
+    # hstu_jagged.pad_ints as one fbgemm op: its indexed assignment broadcasts a single value, so tracing it
+    # would guard against a batch of one token (one row, empty history)
+    query, keys = (torch.ops.fbgemm.jagged_1d_to_dense(t, offsets, max_len, 0) for t in (query_ts, timestamps))
     i = torch.arange(max_len, device=device)
     group = Group(0, n, offsets, max_len, time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), num_buckets),
                   torch.ones(max_len, max_len, device=device).tril(), i.unsqueeze(0) - i.unsqueeze(1) + max_len - 1)

@@ -51,7 +51,7 @@ class Contract:
                 for s in f.side]
         encoder = getattr(cfg.model.typed_params, "encoder", None)
         groups = encoder.attention if isinstance(encoder, EncoderParams) else []
-        aligned = [sorted({p.history for p in g.pairs}) for g in groups]
+        aligned = [list(dict.fromkeys(p.history for p in g.pairs)) for g in groups]
         tokens = [t for t in (cfg.model.typed_params, getattr(encoder, "hstu", None)) if isinstance(t, HSTUTokenParams)]
         return cls([f.name for f in schema.pooled_features], [f.name for f in schema.sequence_features], side,
                    len(schema.dense), [a for a in aligned if len(a) > 1], sorted({t.target for t in tokens}))
