@@ -11,9 +11,11 @@ trained checkpoint per kind is shared by the tests (module-scoped cache). CLI ca
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -27,9 +29,10 @@ from tests.helpers import ROOT
 from trec_rank import cli
 from trec_rank.config.experiment import ExperimentConfig, load_config
 from trec_rank.config.models import side_bounds
+from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.data.prepare.synthetic import prepare_synthetic
-from trec_rank.export.artifact import ARTIFACT_FILE, PROGRAM_FILE, load_artifact
+from trec_rank.export.artifact import ARTIFACT_FILE, PROGRAM_FILE, Artifact, load_artifact
 from trec_rank.export.contract import Contract
 from trec_rank.runtime.checkpoint import read_state, resolve
 
@@ -67,6 +70,7 @@ class Runs:
 
     def __init__(self, root: Path) -> None:
         self.root, self.data, self.runs = root, {}, {}
+        self.artifacts: dict[tuple[str, ...], tuple[Path, str]] = {}
 
     def data_for(self, kind: str) -> Path:
         if kind not in self.data:
@@ -86,6 +90,14 @@ class Runs:
             cli.train(config(kind), [*self.sets(kind), "train.max_steps=2", "train.epochs=1"], str(run))
             self.runs[kind] = run
         return self.runs[kind]
+
+    def artifact(self, capsys: pytest.CaptureFixture, kind: str, *extra: str) -> tuple[Path, str]:
+        """(export dir, what export printed) of `kind` exported with `extra` flags, made once."""
+        key = (kind, *extra)
+        if key not in self.artifacts:
+            out = self.root / f"art-{kind}{''.join(extra)}"
+            self.artifacts[key] = (out, export(capsys, self, kind, out, *extra))
+        return self.artifacts[key]
 
 
 @pytest.fixture(scope="module")
@@ -118,46 +130,59 @@ def score(capsys: pytest.CaptureFixture, runs: Runs, kind: str, out: Path, *extr
     return {c: table[c].to_numpy()[order] for c in table.column_names}
 
 
-def predict(art_dir: Path, data: Path, batch_size: int) -> dict[str, np.ndarray]:
-    """Artifact.predict over the test split in row order."""
-    art = load_artifact(art_dir)
+def split_batches(art: Artifact, data: Path, batch_size: int) -> Iterator[Batch]:
     cfg = art.config
     ds = ParquetDataset(str(data / "test"), cfg.schema, batch_size, shuffle=False, drop_last=False,
                         with_labels=False, side_bounds=side_bounds(cfg.model.typed_params))
+    return ds.batches(0, 0)
+
+
+def predict(art_dir: Path, data: Path) -> dict[str, np.ndarray]:
+    """Artifact.predict over the test split in row order."""
+    art = load_artifact(art_dir)
     parts: dict[str, list[np.ndarray]] = {}
-    for batch in ds.batches(0, 0):
+    for batch in split_batches(art, data, 128):
         for name, p in art.predict(batch).items():
             assert p.dtype == torch.float32 and p.shape == (batch.batch_size,)
             parts.setdefault(name, []).append(p.numpy())
     return {k: np.concatenate(v) for k, v in parts.items()}
 
 
+def single_rows(art_dir: Path, data: Path) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """(row, Artifact.predict of that row alone) for the first rows and every row with an empty sequence
+    feature: batches of one id per feature, or of no id at all, are where traced shapes specialise."""
+    art = load_artifact(art_dir)
+    for row, batch in enumerate(split_batches(art, data, 1)):
+        if row < 4 or (batch.sequence.keys() and bool((batch.sequence.lengths() == 0).any())):
+            yield row, art.predict(batch)
+
+
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_exported_scores_equal_trec_rank_score(kind: str, runs: Runs, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
-    art = tmp_path / "art"
-    stdout = export(capsys, runs, kind, art)
+    art, stdout = runs.artifact(capsys, kind)
     assert "export: saved program vs model on 200 rows" in stdout
     scored = score(capsys, runs, kind, tmp_path / "scores")
     meta = json.loads((art / ARTIFACT_FILE).read_text())
     assert sorted(f"p_{k}" for k in meta["outputs"]) == sorted(c for c in scored if c.startswith("p_"))
-    for batch_size in (128, 1):  # 1: single rows, some with empty histories
-        got = predict(art, runs.data_for(kind), batch_size)
+    got = predict(art, runs.data_for(kind))
+    for name in meta["outputs"]:
+        np.testing.assert_allclose(got[name], scored[f"p_{name}"], rtol=0, atol=1e-5, err_msg=name)
+    for row, probs in single_rows(art, runs.data_for(kind)):
         for name in meta["outputs"]:
-            np.testing.assert_allclose(got[name], scored[f"p_{name}"], rtol=0, atol=1e-5, err_msg=name)
+            np.testing.assert_allclose(probs[name].numpy(), scored[f"p_{name}"][row:row + 1], rtol=0, atol=1e-5)
     assert meta["fingerprints"]["model"] == read_state(resolve(runs.run_for(kind)))["fingerprint"]
 
 
 def test_int8_auc_change_is_printed_and_small(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    art = tmp_path / "art8"
-    stdout = export(capsys, runs, "din", art, "--quantize", "int8")
+    art, stdout = runs.artifact(capsys, "din", "--quantize", "int8")
     line = next(x for x in stdout.splitlines() if x.startswith("export: int8 vs fp32 on 200 rows: like/auc"))
     check = json.loads((art / ARTIFACT_FILE).read_text())["check"]
     assert f"(dAUC {check['auc']['like']['delta']:+.5f})" in line
     assert abs(check["auc"]["like"]["delta"]) <= 0.002
     # the int8 program scores what `trec-rank score --quantize int8` scores
     scored = score(capsys, runs, "din", tmp_path / "scores8", "--quantize", "int8")
-    np.testing.assert_allclose(predict(art, runs.data_for("din"), 128)["like"], scored["p_like"], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(predict(art, runs.data_for("din"))["like"], scored["p_like"], rtol=0, atol=1e-5)
 
 
 CHILD = textwrap.dedent("""
@@ -190,13 +215,9 @@ CHILD = textwrap.dedent("""
 def test_artifact_runs_without_trec_rank(runs: Runs, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     args = []
     for kind, extra in (("din", ("--quantize", "int8")), ("hstu_esmm", ())):
-        art = tmp_path / f"art-{kind}"
-        export(capsys, runs, kind, art, "--eval-split", "", *extra)
+        art, _ = runs.artifact(capsys, kind, *extra)
         loaded = load_artifact(art)
-        cfg = loaded.config
-        batch = next(iter(ParquetDataset(str(runs.data_for(kind) / "test"), cfg.schema, 64, shuffle=False,
-                                         drop_last=False, with_labels=False,
-                                         side_bounds=side_bounds(cfg.model.typed_params)).batches(0, 0)))
+        batch = next(split_batches(loaded, runs.data_for(kind), 64))
         inputs = tmp_path / f"inputs-{kind}.pt"
         torch.save({"names": [t["name"] for t in loaded.meta["inputs"]], "inputs": loaded.contract.flatten(batch),
                     "expected": loaded.predict(batch)}, inputs)
@@ -232,7 +253,7 @@ def test_bad_input_is_one_error_line(case: str, runs: Runs, tmp_path: Path, caps
 def test_damaged_artifact_is_refused_naming_the_file(runs: Runs, tmp_path: Path,
                                                      capsys: pytest.CaptureFixture) -> None:
     art = tmp_path / "art"
-    export(capsys, runs, "base", art, "--eval-split", "")
+    shutil.copytree(runs.artifact(capsys, "base")[0], art)
     (art / PROGRAM_FILE).write_bytes((art / PROGRAM_FILE).read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"{art / PROGRAM_FILE}: damaged model file"):
         load_artifact(art)
