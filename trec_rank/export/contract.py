@@ -72,18 +72,19 @@ class Contract:
         return out
 
     def tensors(self) -> list[dict[str, Any]]:
-        """The input tuple, entry by entry, for artifact.json: name, dtype, shape (symbolic), layout."""
+        """The input tuple, entry by entry, for artifact.json: name, role, feature, dtype, symbolic shape, layout."""
         dims = self.dims()
-        out: list[dict[str, Any]] = [{"name": "dense", "dtype": "float32", "shape": ["B", self.n_dense],
-                                      "layout": "padded-free"}]
+        out: list[dict[str, Any]] = [{"name": "dense", "role": "dense", "dtype": "float32",
+                                      "shape": ["B", self.n_dense],
+                                      "layout": "padded-free: one float per dense feature and row"}]
         for kjt, names in (("sparse", self.pooled), ("sequence", self.sequence)):
             for f in names:
-                out.append({"name": f"{f}.values", "dtype": "int64", "shape": [dims[f]], "layout": "jagged",
-                            "kjt": kjt})
-                out.append({"name": f"{f}.lengths", "dtype": "int32", "shape": ["B"], "layout": "lengths",
-                            "kjt": kjt})
-        out += [{"name": key, "dtype": "int64", "shape": [dims[f]], "layout": f"jagged, aligned with {f}.values"}
-                for key, f in self.side]
+                out.append({"name": f"{f}.values", "role": "values", "feature": f, "kjt": kjt, "dtype": "int64",
+                            "shape": [dims[f]], "layout": "jagged: the rows' ids end to end"})
+                out.append({"name": f"{f}.lengths", "role": "lengths", "feature": f, "kjt": kjt, "dtype": "int32",
+                            "shape": ["B"], "layout": f"ids per row; sums to the length of {f}.values"})
+        out += [{"name": key, "role": "side", "feature": f, "dtype": "int64", "shape": [dims[f]],
+                 "layout": f"jagged, aligned element by element with {f}.values"} for key, f in self.side]
         return out
 
     def flatten(self, batch: Batch) -> tuple[torch.Tensor, ...]:
