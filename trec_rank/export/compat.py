@@ -17,6 +17,9 @@ cannot be traced:
 - Sizes are traced size-obliviously (`backed_size_oblivious`): by default export reasons as if every input
   size were >= 2, and stating the relation above would carry that bound to the value counts, so a batch
   with a single id (or an empty history) for a feature would be refused by the program.
+- TorchRec's int8 modules also expose each table as a buffer that views the fbgemm weights, for
+  `state_dict()`; their forward never reads it, but the program would save it as a second copy of every
+  table. It is detached for the trace.
 - TorchRec's int8 tables keep fbgemm counters (TorchBind objects); tracing needs TorchRec's fake classes
   for them (`torchrec.pt2.utils.register_fake_classes`), registered for the trace only.
 Real tensors always take the original paths, so eager scoring is untouched. The model-side changes that
@@ -33,6 +36,8 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental import _config as fx_config
 from torchrec.pt2.utils import deregister_fake_classes, register_fake_classes
+from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
+from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
 from trec_rank.models import hstu_encoder
@@ -84,10 +89,17 @@ def traceable(model: RankingModel) -> Iterator[None]:
     register_fake_classes()
     if ec is not None:
         model.ec = SizedLookup(ec)
+    facades = [(m, name, getattr(m, name)) for m in model.modules() for name in ("embeddings", "embedding_bags")
+               if isinstance(m, QuantEmbeddingCollection | QuantEmbeddingBagCollection)
+               and isinstance(getattr(m, name, None), nn.ModuleDict)]
+    for m, name, _ in facades:  # per-table views of the TBE weights, for state_dict() only: forward never reads them
+        setattr(m, name, nn.ModuleDict())
     try:
         with fx_config.patch(backed_size_oblivious=True):  # type: ignore[attr-defined]
             yield
     finally:
+        for m, name, views in facades:
+            setattr(m, name, views)
         model.ec = ec
         deregister_fake_classes()
         torch.equal = equal
