@@ -106,6 +106,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
 
 def main(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`trec-rank ARGS` in this process: exit code, and what this call alone printed."""
+    capsys.readouterr()  # drop earlier output (a fixture's training run)
     code = cli.main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err

@@ -125,14 +125,13 @@ class Contract:
 
     @staticmethod
     def _lengths(group: int, max_len: int) -> torch.Tensor:
-        """Row lengths whose sum is EXAMPLE_ROWS + 2 + group (capped rows of at most max_len, when set)."""
+        """Row lengths summing to EXAMPLE_ROWS + 2 + group, dealt round-robin, no row above max_len (when set;
+        a max_len too short for that sum fills every row to max_len)."""
         total = EXAMPLE_ROWS + 2 + group
-        cap = max_len or total
-        lengths = [0] * EXAMPLE_ROWS
-        for i in range(total):  # round-robin, so a short max_len still fits
-            lengths[i % EXAMPLE_ROWS] += 1
-        assert max(lengths) <= cap, f"example lengths {lengths} exceed max_len {cap}"
-        return torch.tensor(lengths, dtype=torch.int32)
+        if max_len:
+            total = min(total, EXAMPLE_ROWS * max_len)
+        return torch.tensor([total // EXAMPLE_ROWS + (i < total % EXAMPLE_ROWS) for i in range(EXAMPLE_ROWS)],
+                            dtype=torch.int32)
 
 
 def _kjt(names: list[str], values: list[torch.Tensor], lengths: list[torch.Tensor], rows: int,

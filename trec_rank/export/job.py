@@ -108,10 +108,10 @@ def trace(model: nn.Module, cfg: ExperimentConfig, contract: Contract
     """(the exported FlatModel, its output names): outputs are the model's keys not starting with '_'."""
     assert isinstance(model, RankingModel), type(model)
     example = contract.example({f.name: f.max_len for f in cfg.schema.features})
+    flat = FlatModel(model, contract, []).eval()
     with torch.no_grad():
-        keys = FlatModel(model, contract, []).model(FlatModel(model, contract, []).batch(example))
-    outputs = [k for k in keys if not k.startswith("_")]
-    flat = FlatModel(model, contract, outputs).eval()
+        flat.outputs = [k for k in model(flat.batch(example)) if not k.startswith("_")]
+    outputs = flat.outputs
     with traceable(model):
         program = torch.export.export(flat, example, dynamic_shapes=contract.dynamic_shapes(), strict=False)
     return program, outputs
@@ -163,15 +163,13 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
-def _install(tmp: Path, out: Path, replace: bool) -> None:
-    """Move the finished tmp dir to `out`; an earlier export there is swapped out first, then deleted."""
+def _install(tmp: Path, out: Path) -> None:
+    """Move the finished tmp dir to `out`; an earlier export (or empty dir) there is swapped out, then deleted."""
     old = out.parent / f".{out.name}.old-{os.getpid()}"
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    if old.exists():
-        shutil.rmtree(old)
-    assert replace or not old.exists()
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def run(req: ExportRequest) -> dict[str, Any]:
@@ -228,7 +226,7 @@ def run(req: ExportRequest) -> dict[str, Any]:
             "export_seconds": round(time.perf_counter() - t0, 2),
         }
         (tmp / ARTIFACT_FILE).write_text(json.dumps(meta, indent=1))
-        _install(tmp, out, existed)
+        _install(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
