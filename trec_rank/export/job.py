@@ -39,6 +39,8 @@ from trec_rank.export.artifact import ARTIFACT_FILE, CONFIG_FILE, FORMAT, PROGRA
 from trec_rank.export.compat import traceable
 from trec_rank.export.contract import Contract, FlatModel
 from trec_rank.models.ranking import RankingModel
+from trec_rank.plan.fingerprint import fingerprint as plan_fingerprint
+from trec_rank.plan.fingerprint import table_shapes
 from trec_rank.runtime import checkpoint
 from trec_rank.runtime.metrics import auc
 from trec_rank.runtime.model import fingerprint, ranking_spec
@@ -186,6 +188,7 @@ def run(req: ExportRequest) -> dict[str, Any]:
     state = checkpoint.check(ckpt, spec.fingerprint, cfg.source)
     t0 = time.perf_counter()
     model = load_unsharded(cfg, ckpt, torch.device("cpu"))
+    tables = table_shapes(model)  # before int8 swaps the modules it recognises
     reference = None
     if req.quantize:
         reference = copy.deepcopy(model)
@@ -217,7 +220,9 @@ def run(req: ExportRequest) -> dict[str, Any]:
                                "`trec-rank score` writes it as p_<name>", "order": outputs},
             "inputs": contract.tensors(), "contract": contract.to_json(), "schema": schema_json(cfg),
             "quantize": req.quantize,
-            "fingerprints": {"model": spec.fingerprint, "config": fingerprint(to_dict(cfg))},
+            "tables": tables,
+            "fingerprints": {"model": spec.fingerprint, "config": fingerprint(to_dict(cfg)),
+                             "tables": plan_fingerprint(tables)},
             "checkpoint": {"path": str(ckpt.resolve()), "step": state.get("step"),
                            "fingerprint": state.get("fingerprint"),
                            "metadata_sha256": _sha256(ckpt / ".metadata")},
@@ -230,14 +235,15 @@ def run(req: ExportRequest) -> dict[str, Any]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _print_summary(meta, out, existed)
+    _print_summary(meta, out, existed, req.eval_split and str(Path(cfg.data.path) / req.eval_split))
     return meta
 
 
-def _print_summary(meta: dict[str, Any], out: Path, replaced: bool) -> None:
+def _print_summary(meta: dict[str, Any], out: Path, replaced: bool, split: str) -> None:
     checks = meta["check"]
     if checks is None:
-        print("export: no labelled eval split found; the program was not checked on data (see --eval-split)")
+        why = f"no labelled split at {split}" if split else "--eval-split ''"
+        print(f"export: {why}; the saved program was not checked on data")
     else:
         print(f"export: saved program vs model on {checks['rows']} rows of {checks['split']}: "
               f"max |diff| {checks['max_abs_diff_vs_eager']:.2e}")
