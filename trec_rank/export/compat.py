@@ -46,8 +46,9 @@ from trec_rank.models.ranking import RankingModel
 
 
 def padded_plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor, max_len: int,
-                num_buckets: int) -> JaggedLayout:
-    """`hstu_jagged.plan` with one group: every row padded to max_len, values in their original order."""
+                num_buckets: int, host_lengths: torch.Tensor | None = None) -> JaggedLayout:
+    """`hstu_jagged.plan` with one group: every row padded to max_len, values in their original order
+    (`host_lengths`, plan's host copy of the lengths for cutting groups, is not needed)."""
     n, device = timestamps.shape[0], lengths.device
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
     # hstu_jagged.pad_ints as one fbgemm op: its indexed assignment broadcasts a single value, so tracing it
