@@ -96,6 +96,10 @@ def test_bad_rows_are_named_by_row_and_field(tmp_path: Path) -> None:
         "row 1: field 'item_id': expected an id or a list of integer ids, got string 'i_9' (string ids need "
         "`oov: hash` on feature 'item_id', whose policy is 'error')": at(1, item_id="i_9"),
         "row 3: field 'hist_item_id': expected a list of integer ids, got integer 7": at(3, hist_item_id=7),
+        "row 0: field 'hist_item_id': expected a list of integer ids, got a list of strings ['i_1'] (string ids "
+        "need `oov: hash`": at(0, hist_item_id=["i_1"], hist_rating=[1], hist_ts=[1]),
+        "row 1: field 'pos_item_id': expected a list of integer ids, got a list of lists [[1]]":
+            at(1, pos_item_id=[[1]]),
         "row 2: field 'hist_genre': expected a list of integer ids, got object {'a': 1}": at(2, hist_genre={"a": 1}),
         "row 1: field 'hist_genre': expected a list of integer ids, got a null inside the list":
             at(1, hist_genre=[1, None]),

@@ -16,7 +16,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import torch
@@ -24,9 +24,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from trec_rank.export.artifact import Artifact
 from trec_rank.serve.batcher import MicroBatcher, Result
 from trec_rank.serve.rows import RequestError, RowConverter
+
+if TYPE_CHECKING:  # the app only calls what it is given; cli.py loads it
+    from trec_rank.export.artifact import Artifact
 
 log = logging.getLogger(__name__)
 MAX_BODY_BYTES = 64 * 2**20  # a body is read whole before parsing: cap what one request can make us hold

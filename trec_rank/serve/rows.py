@@ -57,9 +57,12 @@ def request_fields(cfg: ExperimentConfig) -> list[Field]:
 
 
 def _describe(t: pa.DataType) -> str:
-    """An Arrow type in JSON words, for messages."""
+    """An Arrow type in JSON words, for messages: 'integer', 'a list of strings', ..."""
     if pa.types.is_list(t):
-        return f"a list of {_describe(t.value_type)}s" if not pa.types.is_null(t.value_type) else "an empty list"
+        inner = t.value_type
+        if pa.types.is_null(inner):
+            return "an empty list"
+        return "a list of lists" if pa.types.is_list(inner) else f"a list of {_describe(inner)}s"
     if pa.types.is_integer(t):
         return "integer"
     if pa.types.is_floating(t):
@@ -103,7 +106,9 @@ def _why(field: Field, value: Any) -> str | None:
     except _ARROW_ERRORS:
         return f"expected {_expected(field)}, got {_short(value)}"
     if not _accepts(field, arr.type):
-        hint = "" if not pa.types.is_string(arr.type) or field.feature.oov == "hash" else \
+        base = arr.type.value_type if pa.types.is_list(arr.type) else arr.type
+        text = pa.types.is_string(base) and field.role in ("sparse", "sequence")
+        hint = "" if not text or field.feature.oov == "hash" else \
             f" (string ids need `oov: hash` on feature '{field.feature.name}', whose policy is '{field.feature.oov}')"
         return f"expected {_expected(field)}, got {_describe(arr.type)} {_short(value)}{hint}"
     if _nulls(arr):
