@@ -122,6 +122,24 @@ def test_bad_rows_are_named_by_row_and_field(tmp_path: Path) -> None:
     assert conv.batch(conv.table(good[:5])).batch_size == 5  # nothing above left a trace
 
 
+def test_rows_the_model_cannot_read_are_refused_by_row(tmp_path: Path) -> None:
+    """The artifact's contract: DIN's parallel histories equally long, an HSTU target one id per row."""
+    cfg, split = _din_data(tmp_path)
+    fields = {f.column for f in cfg.schema.features if f.kind != "label"} | {"hist_rating", "hist_ts"}
+    rows = [{k: v for k, v in r.items() if k in fields} for r in pq.read_table(split).slice(0, 3).to_pylist()]
+    for r in rows:
+        r["hist_genre"] = [i % 20 for i in r["hist_item_id"]]
+    conv = RowConverter(cfg, max_rows=8, aligned=[["hist_genre", "hist_item_id"]], single=["item_id"])
+    assert conv.batch(conv.table(rows)).batch_size == 3
+    rows[2]["hist_item_id"] = rows[2]["hist_rating"] = rows[2]["hist_ts"] = [1, 2, 3]
+    rows[2]["hist_genre"] = [5, 6]
+    assert _bad(rows, conv) == ("row 2: fields 'hist_genre', 'hist_item_id' hold 2, 3 ids (after "
+                                "max_len); the model reads them as parallel lists, so they must be equally long")
+    rows[2]["hist_genre"] = [5, 6, 7]
+    rows[1]["item_id"] = [3, 4]
+    assert _bad(rows, conv) == "row 1: field 'item_id' holds 2 ids; the model reads exactly one (its target)"
+
+
 def test_ids_of_one_field_are_all_integers_or_all_strings(tmp_path: Path) -> None:
     cfg, split = _own_data(tmp_path)
     rows = pq.read_table(split).slice(0, 3).drop_columns(["click", "event_ts"]).to_pylist()

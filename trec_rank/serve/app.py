@@ -107,7 +107,8 @@ async def _body(request: Request) -> bytes | None:
 
 def create_app(artifact: Artifact, max_batch_rows: int, max_wait_ms: float) -> FastAPI:
     """The app over one loaded artifact; the batcher's worker lives as long as the app (lifespan)."""
-    converter = RowConverter(artifact.config, max_batch_rows)
+    contract = artifact.meta.get("contract", {})
+    converter = RowConverter(artifact.config, max_batch_rows, contract.get("aligned", []), contract.get("single", []))
     batcher = MicroBatcher(Scorer(artifact, converter), max_batch_rows, max_wait_ms / 1000)
 
     @asynccontextmanager

@@ -157,8 +157,11 @@ def _column(field: Field, values: list[Any]) -> pa.Array:
 class RowConverter:
     """Request rows -> Arrow table -> Batch for one model config (`Artifact.config`)."""
 
-    def __init__(self, cfg: ExperimentConfig, max_rows: int) -> None:
-        self.cfg, self.max_rows = cfg, max_rows
+    def __init__(self, cfg: ExperimentConfig, max_rows: int, aligned: Sequence[Sequence[str]] = (),
+                 single: Sequence[str] = ()) -> None:
+        """`aligned`: groups of features the model needs equally long per row (DIN's parallel histories);
+        `single`: features it needs to hold exactly one id per row; both from the artifact's input contract."""
+        self.cfg, self.max_rows, self.aligned, self.single = cfg, max_rows, aligned, single
         self.fields = request_fields(cfg)
         self.required = {f.name for f in self.fields}
         self.allowed = self.required | {f.column for f in cfg.schema.labels}  # labels may come along, unused
@@ -191,7 +194,7 @@ class RowConverter:
         """`to_batch`, as training runs it; a DataError becomes a RequestError naming the first bad row
         (found by bisecting prefixes, since every check is per row; only on the error path)."""
         try:
-            return self._convert(table, "rows", 0)
+            batch = self._convert(table, "rows", 0)
         except DataError as err:
             if not locate:
                 raise RequestError(str(err)) from None
@@ -201,6 +204,29 @@ class RowConverter:
             except DataError as one:
                 raise RequestError(str(one)) from None
             raise RequestError(str(err)) from None
+        self._check_shape(batch)
+        return batch
+
+    def _lengths(self, batch: Batch, name: str) -> np.ndarray:
+        kjt = batch.sparse if name in batch.sparse.keys() else batch.sequence
+        return kjt[name].lengths().numpy()
+
+    def _check_shape(self, batch: Batch) -> None:
+        """What the model requires of a row beyond training's data checks (the artifact's contract), as a 400
+        naming the row rather than a failure inside the exported program."""
+        column = {f.name: f.column for f in self.cfg.schema.features}
+        for group in self.aligned:
+            lengths = np.stack([self._lengths(batch, f) for f in group])
+            if (bad := np.nonzero((lengths != lengths[0]).any(axis=0))[0]).size:
+                r = int(bad[0])
+                raise RequestError(f"row {r}: fields {', '.join(repr(column[f]) for f in group)} hold "
+                                   f"{', '.join(str(n) for n in lengths[:, r])} ids (after max_len); the model "
+                                   "reads them as parallel lists, so they must be equally long")
+        for f in self.single:
+            if (bad := np.nonzero(self._lengths(batch, f) != 1)[0]).size:
+                r = int(bad[0])
+                raise RequestError(f"row {r}: field '{column[f]}' holds {self._lengths(batch, f)[r]} ids; the model "
+                                   "reads exactly one (its target)")
 
     def _convert(self, table: pa.Table, where: str, first_row: int) -> Batch:
         return to_batch(table, self.cfg.schema, np.arange(table.num_rows), where, with_labels=False,
