@@ -5,7 +5,10 @@ runs end to end against a real server process whose scores equal `trec-rank scor
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -14,8 +17,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import ROOT
+from benchmarks.serve import request, server
+from tests.helpers import ROOT, run_cli
 from tests.test_own_data import write_own_data
+from trec_rank.cli import main
 from trec_rank.config.experiment import ExperimentConfig, load_config
 from trec_rank.config.models import side_bounds
 from trec_rank.data.batch import Batch
@@ -179,3 +184,69 @@ def test_batcher_merges_waiting_requests_up_to_max_rows() -> None:
     assert calls == [[3, 4], [5, 2], [6, 1], [2]]
     assert results[:4] == [3, 6, 10, 1] and results[6] == 11
     assert all(isinstance(r, RuntimeError) for r in results[4:6])
+
+
+def _readme_row() -> dict:
+    """The row README's "Serving" section sends with curl (so the example cannot go stale)."""
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("### Serving"):]
+    body = re.search(r"-d '(\{.*?\})'", section, re.S)
+    assert body, "README's Serving section has no curl -d '{...}'"
+    (row,) = json.loads(body.group(1))["rows"]
+    return row
+
+
+def test_cli_refuses_bad_flags_and_dirs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
+    assert "--port must be at most 65535, got 70000" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path)]) == 2
+    assert f"{tmp_path / 'artifact.json'}: not found" in capsys.readouterr().err
+
+
+def test_readme_train_export_serve_curl(tmp_path: Path) -> None:
+    """README's Serving steps on generated files, a real server process and real HTTP: the scores equal
+    `trec-rank score`'s p_click; concurrent clients get their own rows back; a barrage of bad requests gets
+    400s naming row and field, after which the server still answers correctly."""
+    write_own_data(tmp_path / "mine", {"train": 1000, "valid": 200, "test": 200})
+    config, run, art = tmp_path / "mine.yaml", tmp_path / "runs" / "mine", tmp_path / "artifacts" / "mine"
+    config.write_text(describe(tmp_path / "mine"))
+    run_cli("train", str(config), "--run-dir", str(run))
+    run_cli("export", str(config), "--checkpoint", str(run), "--out", str(art))
+    test = tmp_path / "mine" / "test"
+    run_cli("score", str(config), "--checkpoint", str(run), "--input", str(test), "--output", str(tmp_path / "s"))
+    want = pq.read_table(tmp_path / "s").sort_by("row_index")["p_click"].to_numpy()
+    rows = pq.read_table(test).drop_columns(["event_ts"]).to_pylist()  # the label `click` comes along, unused
+    with server(art, "--max-wait-ms", "200") as port:
+        status, meta = request(port, "GET", "/metadata")
+        assert status == 200 and meta == json.loads((art / "artifact.json").read_text())
+        status, reply = request(port, "POST", "/predict", json.dumps({"rows": [_readme_row()]}).encode())
+        assert status == 200 and list(reply["scores"]) == ["click"] and 0 < reply["scores"]["click"][0] < 1
+
+        def post(lo: int, hi: int) -> list[float]:
+            status, reply = request(port, "POST", "/predict", json.dumps({"rows": rows[lo:hi]}).encode())
+            assert status == 200, reply
+            return reply["scores"]["click"]
+
+        cuts = [0, 1, 33, 40, 97, 150, 151, 200]  # 7 clients at once, 1 to 57 rows each
+        with ThreadPoolExecutor(len(cuts) - 1) as pool:
+            got = np.concatenate(list(pool.map(post, cuts[:-1], cuts[1:])))
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+
+        good = rows[0]
+        bad = {  # body -> what the 400 must say
+            b"": "body: Invalid JSON", b"\xff\xfe{": "body: Invalid JSON", b"[" * 10000: "body: Invalid JSON",
+            b'{"rows": 3}': "rows: Input should be a valid", b'{"rows": [7]}': "row 0: Input should be",
+            json.dumps({"rows": [good, {**good, "country": 12}]}).encode():
+                "row 1: column 'country' has id 12 outside [0, 12)",
+            json.dumps({"rows": [good, good, {k: v for k, v in good.items() if k != "price"}]}).encode():
+                "row 2: missing field 'price'",
+            json.dumps({"rows": [{**good, "hist_item_id": "i_7"}]}).encode(): "row 0: field 'hist_item_id'",
+            json.dumps({"rows": [good] * 4097}).encode(): "rows: 4097 rows, more than",
+        }
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda b: request(port, "POST", "/predict", b), list(bad) * 3))
+        for (status, reply), message in zip(replies, list(bad.values()) * 3, strict=True):
+            assert status == 400 and reply["error"].startswith(message), (message, reply)
+        assert post(0, 200) == pytest.approx(want.tolist(), abs=1e-5)
+        status, health = request(port, "GET", "/health")
+        assert status == 200 and health["rows"] >= 400 and health["batches"] < health["requests"]
