@@ -6,7 +6,7 @@ import argparse
 
 
 def _serve(args: argparse.Namespace) -> None:
-    for name, value, low in (("--port", args.port, 0), ("--max-batch-rows", args.max_batch_rows, 1),
+    for name, value, low in (("--port", args.port, 1), ("--max-batch-rows", args.max_batch_rows, 1),
                              ("--max-wait-ms", args.max_wait_ms, 0)):
         if value < low:
             raise ValueError(f"{name} must be at least {low}, got {value}")
