@@ -277,6 +277,7 @@ def parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_eval)
 
     from trec_rank.compare.cli import add_subcommand as add_compare
+    from trec_rank.export.cli import add_subcommand as add_export
     from trec_rank.plan.cli import add_subcommand as add_plan
     from trec_rank.report import add_subcommand as add_report
     from trec_rank.score.cli import add_subcommand as add_score
@@ -286,6 +287,7 @@ def parser() -> argparse.ArgumentParser:
     add_score(sub)
     add_report(sub)
     add_compare(sub)
+    add_export(sub)
     add_serve(sub)
     return p
 
