@@ -27,6 +27,7 @@ from trec_rank.data.batch import Batch
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.data.describe import describe
 from trec_rank.data.prepare.synthetic import prepare_synthetic
+from trec_rank.export.contract import Contract
 from trec_rank.serve.batcher import MicroBatcher
 from trec_rank.serve.rows import RequestError, RowConverter
 
@@ -134,7 +135,9 @@ def test_rows_the_model_cannot_read_are_refused_by_row(tmp_path: Path) -> None:
     rows = [{k: v for k, v in r.items() if k in fields} for r in pq.read_table(split).slice(0, 3).to_pylist()]
     for r in rows:
         r["hist_genre"] = [i % 20 for i in r["hist_item_id"]]
-    conv = RowConverter(cfg, max_rows=8, aligned=[["hist_genre", "hist_item_id"]], single=["item_id"])
+    aligned = Contract.from_config(cfg).aligned  # what `trec-rank export` writes into artifact.json for DIN
+    assert aligned == [["hist_genre", "hist_item_id"]]
+    conv = RowConverter(cfg, max_rows=8, aligned=aligned, single=["item_id"])  # single: as for an HSTU target
     assert conv.batch(conv.table(rows)).batch_size == 3
     rows[2]["hist_item_id"] = rows[2]["hist_rating"] = rows[2]["hist_ts"] = [1, 2, 3]
     rows[2]["hist_genre"] = [5, 6]
