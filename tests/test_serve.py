@@ -8,6 +8,7 @@ import asyncio
 import json
 import math
 import re
+import socket
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from benchmarks.serve import request, server
+from benchmarks.serve import free_port, request, server
 from tests.helpers import ROOT, run_cli
 from tests.test_own_data import write_own_data
 from trec_rank.cli import main
@@ -202,8 +203,12 @@ def _readme_row() -> dict:
 def test_cli_refuses_bad_flags_and_dirs(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["serve", str(tmp_path), "--port", "70000"]) == 2
     assert "--port must be at most 65535, got 70000" in capsys.readouterr().err
-    assert main(["serve", str(tmp_path)]) == 2
+    assert main(["serve", str(tmp_path), "--port", str(free_port())]) == 2
     assert f"{tmp_path / 'artifact.json'}: not found" in capsys.readouterr().err
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        assert main(["serve", str(tmp_path), "--port", str(port)]) == 2
+    assert f"--host 127.0.0.1 --port {port}: cannot listen there (Address already in use" in capsys.readouterr().err
 
 
 def test_readme_train_export_serve_curl(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import socket
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -17,11 +18,25 @@ def _serve(args: argparse.Namespace) -> None:
     from trec_rank.export.artifact import load_artifact
     from trec_rank.serve.app import create_app
 
-    artifact = load_artifact(args.artifact)
+    sock = _listen(args.host, args.port)  # a taken port fails before the model loads
+    try:
+        artifact = load_artifact(args.artifact)
+    except BaseException:
+        sock.close()
+        raise
     app = create_app(artifact, args.max_batch_rows, args.max_wait_ms)
     print(f"serving {args.artifact} (outputs: {', '.join(artifact.outputs)}) on http://{args.host}:{args.port} "
           "(POST /predict, GET /health, GET /metadata; Ctrl-C stops)", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False)).run(sockets=[sock])
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """A listening socket, or a ValueError naming the address (taken, or not this machine's)."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        return socket.create_server((host, port), family=family)
+    except OSError as err:
+        raise ValueError(f"--host {host} --port {port}: cannot listen there ({err.strerror or err})") from None
 
 
 def add_subcommand(sub: argparse._SubParsersAction) -> None:
