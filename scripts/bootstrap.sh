@@ -36,6 +36,7 @@ $PIP install "torchx==0.7.0" "pyarrow==26.0.1" "tensorboard==2.21.0" "PyYAML" "p
 $PIP install "kubernetes==37.0.2"
 # `trec-rank report` draws its PNG with matplotlib (Agg backend, no display needed).
 $PIP install "matplotlib==3.11.2"
+$PIP install "fastapi==0.163.2" "uvicorn==0.54.0"  # `trec-rank serve`: HTTP JSON (docs/serving.md)
 # `make lint`: the import-layer contracts and the type checker.
 $PIP install "import-linter==2.17" "mypy==2.4.1"
 # A CPU torch next to the CUDA fbgemm-gpu (pip found a local CPU wheel first) installs without error:

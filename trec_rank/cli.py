@@ -281,12 +281,14 @@ def parser() -> argparse.ArgumentParser:
     from trec_rank.plan.cli import add_subcommand as add_plan
     from trec_rank.report import add_subcommand as add_report
     from trec_rank.score.cli import add_subcommand as add_score
+    from trec_rank.serve.cli import add_subcommand as add_serve
 
     add_plan(sub, load_job)
     add_score(sub)
     add_report(sub)
     add_compare(sub)
     add_export(sub)
+    add_serve(sub)
     return p
 
 
