@@ -9,6 +9,7 @@ data, so any host read raises) once the CPU lengths are given, and fail without 
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_encoders_read_no_device_value_given_host_lengths(make) -> None:  # noqa
     args = jagged_inputs(LENGTHS, META)
     out = enc(*args, host_lengths=torch.tensor(LENGTHS))
     assert out.shape == (sum(LENGTHS), D) and out.device == META
-    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):  # the old path: a host read
+    with pytest.raises((NotImplementedError, RuntimeError), match="(?i)meta"):  # the old path: a host read
         enc(*args)
 
 
@@ -101,5 +102,28 @@ def test_ranking_batches_carry_host_lengths_and_the_hstu_over_arch_uses_them(ml1
               "item_id": JaggedTensor(values=torch.empty(16, 32, device=META), lengths=target.lengths().to(META))}
     side = {k: v.to(META) for k, v in batch.side.items()}
     assert over(jagged, side, batch.host_lengths).shape == (16, 32)
-    with pytest.raises((NotImplementedError, RuntimeError), match="meta"):
+    with pytest.raises((NotImplementedError, RuntimeError), match="(?i)meta"):
         over(jagged, side)
+
+
+def test_din_checks_parallel_histories_on_host_lengths(ml100k_dir: Path) -> None:
+    """DIN's check that a group's histories are parallel lists reads the loader's host lengths (no device
+    read per step) and still refuses misaligned rows."""
+    cfg = load_config(ROOT / "configs" / "ml100k_din.yaml",
+                      [f"data.path={ml100k_dir / 'ranking'}", "data.eval_batch_size=16"])
+    batch = next(open_split(cfg, "valid", DistEnv(0, 1, 0, 1, torch.device("cpu")), train=False).batches())
+    enc = registry.build_model(cfg, META).over.encoder
+    (targets, hists), unit = enc.groups[0], enc.attention[0]
+    assert len(hists) == 2
+    jagged = {name: JaggedTensor(values=torch.empty(batch.sequence[name].values().numel(), enc.dims[name],
+                                                    device=META), lengths=batch.sequence[name].lengths().to(META))
+              for name in batch.sequence.keys()}
+    on_meta = batch.to(META)
+    args = (unit, targets, hists, None, jagged, enc.key_sides[0], enc.side_embeddings[0])
+    assert enc._attend(*args, on_meta).shape[0] == 16
+    with pytest.raises((NotImplementedError, RuntimeError), match="(?i)meta"):  # without host lengths: a device read
+        enc._attend(*args, replace(on_meta, host_lengths={}))
+    bad = dict(on_meta.host_lengths)
+    bad[hists[1]] = bad[hists[1]] + 1
+    with pytest.raises(ValueError, match="not aligned"):
+        enc._attend(*args, replace(on_meta, host_lengths=bad))

@@ -1,15 +1,8 @@
-"""Two spots of the model code that torch.export cannot trace as written, handled for the trace only.
+"""What torch.export needs around TorchRec's modules, for the trace only.
 
-torch.export runs the model on fake tensors (shapes, no values), so Python that reads tensor values
-cannot be traced:
-- `FeatureEncoder._attend` checks with `torch.equal` that the histories of one attention group are
-  parallel lists. The check is about the input, not the computation: in the program the group shares
-  one value-count dimension (contract.py), and the row lengths are the caller's to keep aligned, as in
-  the training data. During the trace `torch.equal` of fake tensors is taken as true.
-- HSTU's length grouping (`hstu_jagged.plan`) reads the sorted lengths back to the host to cut the batch
-  into groups padded to their own longest row. The trace uses one group of every row padded to the
-  encoder's max_len instead: the same per-row result (rows never attend to each other, padding sits
-  after each row's end and the 1/N scale is max_len), with static shapes.
+torch.export runs the model on fake tensors (shapes, no values). The model code itself is export-aware
+(`torch.compiler.is_exporting()`: HSTU plans one padded group, `hstu_jagged.padded_layout`; DIN's aligned-
+history check is left to the input contract). What remains is TorchRec's side:
 - TorchRec's int8 EmbeddingCollection regroups its input by table, so the traced value count of each
   feature's output is a fresh data-dependent size, unrelated to the input's; the model's check that a
   side column has one value per behaviour then cannot be decided. `SizedLookup` states the relation
@@ -22,8 +15,7 @@ cannot be traced:
   table. It is detached for the trace.
 - TorchRec's int8 tables keep fbgemm counters (TorchBind objects); tracing needs TorchRec's fake classes
   for them (`torchrec.pt2.utils.register_fake_classes`), registered for the trace only.
-Real tensors always take the original paths, so eager scoring is untouched. The model-side changes that
-would make this module unnecessary are in docs/export.md.
+Real tensors always take the original paths, so eager scoring is untouched.
 """
 
 from __future__ import annotations
@@ -33,31 +25,13 @@ from collections.abc import Iterator
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx.experimental import _config as fx_config
 from torchrec.pt2.utils import deregister_fake_classes, register_fake_classes
 from torchrec.quant.embedding_modules import EmbeddingBagCollection as QuantEmbeddingBagCollection
 from torchrec.quant.embedding_modules import EmbeddingCollection as QuantEmbeddingCollection
 from torchrec.sparse.jagged_tensor import JaggedTensor, KeyedJaggedTensor
 
-from trec_rank.models import hstu_encoder
-from trec_rank.models.hstu_jagged import Group, JaggedLayout, time_buckets
 from trec_rank.models.ranking import RankingModel
-
-
-def padded_plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor, max_len: int,
-                num_buckets: int, host_lengths: torch.Tensor | None = None) -> JaggedLayout:
-    """`hstu_jagged.plan` with one group: every row padded to max_len, values in their original order
-    (`host_lengths`, plan's host copy of the lengths for cutting groups, is not needed)."""
-    n, device = timestamps.shape[0], lengths.device
-    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
-    # hstu_jagged.pad_ints as one fbgemm op: its indexed assignment broadcasts a single value, so tracing it
-    # would guard against a batch of one token (one row, empty history)
-    query, keys = (torch.ops.fbgemm.jagged_1d_to_dense(t, offsets, max_len, 0) for t in (query_ts, timestamps))
-    i = torch.arange(max_len, device=device)
-    group = Group(0, n, offsets, max_len, time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), num_buckets),
-                  torch.ones(max_len, max_len, device=device).tril(), i.unsqueeze(0) - i.unsqueeze(1) + max_len - 1)
-    return JaggedLayout(torch.arange(n, device=device), torch.ops.fbgemm.offsets_range(offsets, n), [group])
 
 
 class SizedLookup(nn.Module):
@@ -76,17 +50,9 @@ class SizedLookup(nn.Module):
 
 @contextlib.contextmanager
 def traceable(model: RankingModel) -> Iterator[None]:
-    """Within: `torch.equal` of fake tensors is True, HSTU plans one padded group, the model's
-    EmbeddingCollection is a `SizedLookup` (see the module docstring)."""
-    equal, plan, ec = torch.equal, hstu_encoder.plan, model.ec
-
-    def fake_equal(a: torch.Tensor, b: torch.Tensor) -> bool:
-        if isinstance(a, FakeTensor) or isinstance(b, FakeTensor):
-            return True
-        return equal(a, b)
-
-    torch.equal = fake_equal  # type: ignore[assignment]
-    hstu_encoder.plan = padded_plan
+    """Within: the model's EmbeddingCollection is a `SizedLookup`, int8 table views are detached, sizes are
+    size-oblivious and TorchRec's fake classes are registered (see the module docstring)."""
+    ec = model.ec
     register_fake_classes()
     if ec is not None:
         model.ec = SizedLookup(ec)
@@ -103,5 +69,3 @@ def traceable(model: RankingModel) -> Iterator[None]:
             setattr(m, name, views)
         model.ec = ec
         deregister_fake_classes()
-        torch.equal = equal
-        hstu_encoder.plan = plan

@@ -85,7 +85,8 @@ class FeatureEncoder(nn.Module):
     def needs_batch(self) -> bool:
         """Aux losses need the batch in training (ids for the L2, row weights to skip padding rows);
         key sides and HSTU read the side columns it carries, in eval too."""
-        return self.l2 is not None or self.feedback is not None or any(self.key_sides) or self.hstu is not None
+        return (self.l2 is not None or self.feedback is not None or any(self.key_sides) or self.hstu is not None
+                or any(len(hists) > 1 for _, hists in self.groups))  # aligned histories: Batch.host_lengths
 
     def _feature(self, name: str, key: str) -> str:
         if name not in self.dims:
@@ -148,11 +149,17 @@ class FeatureEncoder(nn.Module):
     def _attend(self, unit: TargetAttention, targets: list[str], hists: list[str], pooled: KeyedTensor | None,
                 jagged: dict[str, JaggedTensor], sides: list[str] | None = None,
                 side_embs: nn.ModuleList | None = None, batch: Batch | None = None) -> torch.Tensor:
+        # Parallel histories must have equal lengths in every row. The loader's host copies of the lengths
+        # decide it without a device read (a stall per step on a GPU); an exported program's input contract
+        # gives the group one value count instead, and its callers check rows (export/contract.py).
         lengths = jagged[hists[0]].lengths()
-        for h in hists[1:]:
-            if not torch.equal(jagged[h].lengths(), lengths):
-                raise ValueError(f"attention histories '{hists[0]}' and '{h}' are not aligned "
-                                 "(different lengths in some row); they must be parallel lists")
+        if len(hists) > 1 and not torch.compiler.is_exporting():
+            host = batch.host_lengths if batch is not None else {}
+            lens = [host[h] for h in hists] if all(h in host for h in hists) else [jagged[h].lengths() for h in hists]
+            for h, other in zip(hists[1:], lens[1:], strict=True):
+                if not torch.equal(other, lens[0]):
+                    raise ValueError(f"attention histories '{hists[0]}' and '{h}' are not aligned "
+                                     "(different lengths in some row); they must be parallel lists")
         query = torch.cat([self._embed(t, pooled, jagged) for t in targets], dim=1)
         keys = torch.cat([jagged[h].values() for h in hists], dim=1)  # [N, dim], jagged
         for name, emb in zip(sides or [], side_embs or [], strict=True):

@@ -73,6 +73,8 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
     no device read; without it they are read back from `lengths` once, a sync on a GPU. Their offsets
     are summed on the host rather than read back a second time; rows of length 0 join no group.
     """
+    if torch.compiler.is_exporting():
+        return padded_layout(lengths, timestamps, query_ts, max_len, num_buckets)
     device = lengths.device
     lengths = lengths.long()
     offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths)
@@ -108,6 +110,24 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
                             time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), num_buckets), causal, rel))
         row = end
     return JaggedLayout(perm, within, groups)
+
+
+def padded_layout(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor, max_len: int,
+                  num_buckets: int) -> JaggedLayout:
+    """The layout of `torch.export` (`trec-rank export`): one group of every row padded to max_len, values
+    in their original order. Export traces shapes, not values, so it cannot cut groups from the lengths;
+    each row's result is the same (rows never attend to each other, padding sits after each row's end,
+    the 1/N scale is max_len), at the padded cost.
+    """
+    n, device = timestamps.shape[0], lengths.device
+    offsets = torch.ops.fbgemm.asynchronous_complete_cumsum(lengths.long())
+    # one fbgemm op rather than pad_ints: its indexed assignment broadcasts a single value, so the trace
+    # would guard against a batch of one token (one row, empty history)
+    query, keys = (torch.ops.fbgemm.jagged_1d_to_dense(t, offsets, max_len, 0) for t in (query_ts, timestamps))
+    i = torch.arange(max_len, device=device)
+    group = Group(0, n, offsets, max_len, time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), num_buckets),
+                  torch.ones(max_len, max_len, device=device).tril(), i.unsqueeze(0) - i.unsqueeze(1) + max_len - 1)
+    return JaggedLayout(torch.arange(n, device=device), torch.ops.fbgemm.offsets_range(offsets, n), [group])
 
 
 class _TableGather(torch.autograd.Function):
