@@ -75,10 +75,17 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     nan_policy: Literal["stop", "skip"] = "stop"  # skip: drop the batch on every rank (plain loop, no pipeline)
     log_rows: bool = False  # write RUN_DIR/rows/rank-N.jsonl: the dataset rows of every step (exactly-once audits)
+    compile: bool = False  # the dense over-arch under torch.compile (inductor) in training; eval stays eager
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def post_load(self, key: str) -> None:
         check_min(self, key, 1, "epochs", "keep_checkpoints")
+        if self.compile:
+            import torch._dynamo  # only when asked for: importing the compiler stack costs a second
+
+            if not torch._dynamo.is_dynamo_supported():
+                raise ConfigError(f"{key}.compile: torch.compile is not supported on this Python/platform; "
+                                  "set it to false")
 
 
 ShardingType = Literal["data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]
