@@ -77,7 +77,7 @@ def _ready(x: Any) -> Any:
     return x.wait() if isinstance(x, LazyAwaitable) else x
 
 
-def compile_over_arch(dmp: nn.Module) -> Callable[..., Any]:
+def compile_over_arch(dmp: nn.Module) -> None:
     """`train.compile`: the ranking model's dense over-arch forward under torch.compile (inductor).
 
     Only the over-arch: the sharded modules and the pipeline's rewritten forwards around them are
@@ -89,8 +89,7 @@ def compile_over_arch(dmp: nn.Module) -> Callable[..., Any]:
     are the eager model's (wrapping the module in torch.compile() would add `_orig_mod.`).
     dynamic=True from the first call: the jagged behaviour count N changes on every batch and B on a
     last partial batch; without it dynamo compiles static shapes first and recompiles on the second
-    batch. capture_dynamic_output_shape_ops keeps the mini-batch L2's bincount in the graph. Returns
-    the compiled function."""
+    batch. capture_dynamic_output_shape_ops keeps the mini-batch L2's bincount in the graph."""
     over = [m.over for m in dmp.modules() if isinstance(m, RankingModel)]
     assert len(over) == 1, f"expected one RankingModel in the sharded model, found {len(over)}"
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
@@ -100,7 +99,6 @@ def compile_over_arch(dmp: nn.Module) -> Callable[..., Any]:
         return compiled(_ready(pooled), _ready(jagged), *args, **kwargs)
 
     over[0].forward = forward
-    return compiled
 
 
 def table_layouts(dmp: nn.Module) -> dict[str, dict]:
