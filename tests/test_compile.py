@@ -129,5 +129,5 @@ def test_compiled_two_gloo_ranks_match_eager(data: dict[str, Path], tmp_path: Pa
                                                                    for a in ("--set", s)], nproc=2)
         losses[compiled] = [[json.loads(x)["loss"] for x in (run / "rows" / f"rank-{r}.jsonl").read_text().splitlines()]
                             for r in range(2)]
-    assert [len(r) for r in losses[True]] == [4, 4]  # 480 rows a rank: 3 batches of 128 and one of 96
+    assert [len(r) for r in losses[True]] == [STEPS, STEPS]  # 480 rows a rank: batches of 128, 128, 128, 96
     np.testing.assert_allclose(losses[True], losses[False], rtol=LOSS_RTOL)
