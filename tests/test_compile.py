@@ -115,9 +115,13 @@ def test_compiled_over_arch_trains_like_eager_and_compiles_once(model: str, data
     assert after == graphs[-1]
 
 
-def test_compile_key_is_typed(data: dict[str, Path]) -> None:
+def test_compile_key_is_typed_and_refused_with_hstu(data: dict[str, Path]) -> None:
     with pytest.raises(ConfigError, match="train.compile"):
         load_config(ROOT / CONFIGS["mmoe"], [f"data.path={data['mmoe']}", "train.compile=fast"])
+    for config in ("configs/ml100k_hstu_ranking.yaml", "configs/ml100k_hstu_esmm.yaml"):
+        load_config(ROOT / config)  # fine without compiling
+        with pytest.raises(ConfigError, match="train.compile: not supported with the HSTU encoder"):
+            load_config(ROOT / config, ["train.compile=true"])
 
 
 def test_compiled_two_gloo_ranks_match_eager(data: dict[str, Path], tmp_path: Path) -> None:

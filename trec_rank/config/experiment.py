@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trec_rank.config.encoder import HSTUTokenParams
 from trec_rank.config.models import EsmmParams, parse_params
 from trec_rank.config.schema import Schema, inline_schema
 from trec_rank.config.typed import ConfigError, beside_config, check_min, load_file, read_yaml
@@ -135,6 +136,12 @@ class ExperimentConfig:
         self.model.typed_params = parse_params(self.model.name, self.model.params)  # also when `model:` is absent
         if isinstance(self.model.typed_params, EsmmParams):  # ESMM's outputs are tied to two tasks
             self.model.typed_params.check_tasks(self.model.tasks, self.train.loss_weights)
+        params = self.model.typed_params
+        hstu = getattr(getattr(params, "encoder", None), "hstu", None)
+        if self.train.compile and (isinstance(params, HSTUTokenParams) or isinstance(hstu, HSTUTokenParams)):
+            raise ConfigError("train.compile: not supported with the HSTU encoder (model.name hstu or "
+                              "model.params.encoder.hstu): compiling it took minutes per training step; "
+                              "set it to false")
 
 
 def read_config(path: str | Path) -> dict:
