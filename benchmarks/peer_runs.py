@@ -25,10 +25,12 @@ HERE = Path(__file__).resolve().parent
 MAX_LEN = 50
 TREC = "trec-rank"
 TREC_L2OFF = "trec-rank-l2off"
-TRECS = {TREC: [], TREC_L2OFF: ["model.params.encoder.l2.weight=0"]}  # system -> extra --set overrides
+TREC_COMPILED = "trec-rank-compiled"
+TRECS = {TREC: [], TREC_L2OFF: ["model.params.encoder.l2.weight=0"],  # system -> extra --set overrides
+         TREC_COMPILED: ["train.compile=true"]}
 PEERS = ("deepctr", "rechub")
 LABELS = {"deepctr": "DeepCTR-Torch 0.3.0", "rechub": "torch-rechub 0.9.0", TREC: TREC,
-          TREC_L2OFF: "trec-rank L2 off"}
+          TREC_L2OFF: "trec-rank L2 off", TREC_COMPILED: "trec-rank compiled"}
 
 
 def schema_of(config: Path) -> tuple[dict[str, int], dict[str, str], dict[str, str]]:

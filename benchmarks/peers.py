@@ -2,7 +2,7 @@
 
     bash scripts/peers_venv.sh        # once: .venv-peers with the peer libraries
     .venv/bin/python benchmarks/peers.py [--batches 256,2048] [--models din,mmoe] [--threads 2]
-        [--repeat N] [--rows N]      # --rows: only the first N train/valid rows (smoke runs)
+        [--repeat N] [--rows N] [--no-compile]   # --rows: only the first N train/valid rows (smoke runs)
 
 Same rows for every system: trec-rank reads the Parquet splits, the peers get the same rows as numpy
 arrays (benchmarks/peer_runs.py). Same shapes (issue 18):
@@ -14,7 +14,10 @@ arrays (benchmarks/peer_runs.py). Same shapes (issue 18):
         4 experts [64], towers [32]. trec-rank: benchmarks/configs/mmoe.yaml.
 Each system trains one epoch of the train split through its own loop (trec-rank's CLI `train`;
 DeepCTR-Torch's `model.fit`; torch-rechub's trainer loop), each in its own process with the same
-intra-op thread count. Columns:
+intra-op thread count. trec-rank also runs with `train.compile=true` ("compiled": its dense over-arch
+under torch.compile), after an untimed 2-step run of the same config that fills inductor's on-disk
+kernel cache, so its wall column pays dynamo's tracing and the cache load (seconds), not a cold
+kernel build (tens of seconds on 2 cores; a user's first compiled run pays that once). Columns:
   wall samples/s  rows / seconds of the training loop (trec-rank: its throughput.json, which leaves
                   out start-up, planning, the evaluation and the checkpoint; peers: the fit/epoch call).
   median samples/s  batch / median gap between consecutive optimizer steps (step_clock.py): the
@@ -34,6 +37,7 @@ from peer_runs import (
     PEERS,
     ROOT,
     TREC,
+    TREC_COMPILED,
     TREC_L2OFF,
     TRECS,
     peer_columns,
@@ -63,7 +67,8 @@ def export(model: str, data: Path, rows: int, dest: Path) -> tuple[Path, dict[st
 def measure(model: str, batch: int, args: argparse.Namespace, tmp: Path, npz: Path, vocab: dict, rep: int) -> dict:
     config, sub, _ = CASES[model]
     results = {}
-    for system in (TREC, TREC_L2OFF, *PEERS) if model == "din" else (TREC, *PEERS):
+    trecs = [TREC, *([TREC_L2OFF] if model == "din" else []), *([] if args.no_compile else [TREC_COMPILED])]
+    for system in (*trecs, *PEERS):
         name = tmp / f"{model}-{batch}-{system}-{rep}"
         if system in TRECS:
             sets = [*TRECS[system], f"data.path={Path(args.data).resolve() / sub}", f"data.batch_size={batch}",
@@ -71,6 +76,9 @@ def measure(model: str, batch: int, args: argparse.Namespace, tmp: Path, npz: Pa
                     "train.log_every=1000000"]
             if args.rows:
                 sets.append(f"train.max_steps={max(1, args.rows // batch)}")
+            if system == TREC_COMPILED and rep == 0:  # fill the kernel cache (untimed)
+                run_trec(ROOT / config, [*sets, "train.max_steps=2", "data.eval_splits=[]"],
+                         name.with_name(name.name + "-warm"), args.threads)
             results[system] = run_trec(ROOT / config, sets, name, args.threads)
         else:
             spec = {"library": system, "model": model, "batch": batch, "data": str(npz), "vocab": vocab,
@@ -89,6 +97,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every system")
     p.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest (least disturbed) is kept")
     p.add_argument("--rows", type=int, default=0, help="only the first N rows of each split (0: all)")
+    p.add_argument("--no-compile", action="store_true", help="leave out the trec-rank train.compile=true rows")
     args = p.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp_name:

@@ -13,6 +13,8 @@ system trains the same `steps x batch` rows, each in its own process:
   trec-rank        its CLI `train` (fused row-wise Adagrad on the tables: work per step follows the
                    rows in the batch), with the config's mini-batch-aware L2;
   trec-rank-l2off  the same with the L2 weight 0;
+  trec-rank-compiled  the same with train.compile=true (not in the default --systems: compiling does
+                   not touch the tables, so it cannot change how the step grows with them);
   deepctr, rechub  the libraries' own loops with their default optimizers, which update every row of
                    every table each step (dense Adam; DeepCTR also adds its L2 over whole tables,
                    torch-rechub Adam's weight decay).

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from trec_rank.config.encoder import HSTUTokenParams
 from trec_rank.config.models import EsmmParams, parse_params
 from trec_rank.config.schema import Schema, inline_schema
 from trec_rank.config.typed import ConfigError, beside_config, check_min, load_file, read_yaml
@@ -75,10 +76,17 @@ class TrainConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     nan_policy: Literal["stop", "skip"] = "stop"  # skip: drop the batch on every rank (plain loop, no pipeline)
     log_rows: bool = False  # write RUN_DIR/rows/rank-N.jsonl: the dataset rows of every step (exactly-once audits)
+    compile: bool = False  # the dense over-arch under torch.compile (inductor) in training; eval stays eager
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def post_load(self, key: str) -> None:
         check_min(self, key, 1, "epochs", "keep_checkpoints")
+        if self.compile:
+            import torch._dynamo  # only when asked for: importing the compiler stack costs a second
+
+            if not torch._dynamo.is_dynamo_supported():
+                raise ConfigError(f"{key}.compile: torch.compile is not supported on this Python/platform; "
+                                  "set it to false")
 
 
 ShardingType = Literal["data_parallel", "table_wise", "row_wise", "column_wise", "table_row_wise", "table_column_wise"]
@@ -128,6 +136,12 @@ class ExperimentConfig:
         self.model.typed_params = parse_params(self.model.name, self.model.params)  # also when `model:` is absent
         if isinstance(self.model.typed_params, EsmmParams):  # ESMM's outputs are tied to two tasks
             self.model.typed_params.check_tasks(self.model.tasks, self.train.loss_weights)
+        params = self.model.typed_params
+        hstu = getattr(getattr(params, "encoder", None), "hstu", None)
+        if self.train.compile and (isinstance(params, HSTUTokenParams) or isinstance(hstu, HSTUTokenParams)):
+            raise ConfigError("train.compile: not supported with the HSTU encoder (model.name hstu or "
+                              "model.params.encoder.hstu): compiling it took minutes per training step; "
+                              "set it to false")
 
 
 def read_config(path: str | Path) -> dict:

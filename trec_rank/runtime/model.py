@@ -13,18 +13,19 @@ import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from torchrec.distributed.model_parallel import DistributedModelParallel
-from torchrec.distributed.types import ShardingPlan
+from torchrec.distributed.types import LazyAwaitable, ShardingPlan
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trec_rank.config.experiment import ExperimentConfig, OptimConfig
 from trec_rank.config.typed import to_dict
-from trec_rank.models.ranking import TrainWrapper
+from trec_rank.models.ranking import RankingModel, TrainWrapper
 from trec_rank.models.registry import build_model
 from trec_rank.parallel.env import DistEnv
 from trec_rank.parallel.sharding import ShardingInputs, shard, tag_sparse_optimizer
@@ -68,6 +69,36 @@ def planning_model(spec: ModelSpec, device_type: str) -> nn.Module:
 def shard_model(spec: ModelSpec, env: DistEnv, plan: ShardingPlan | None = None) -> DistributedModelParallel:
     torch.manual_seed(spec.seed)
     return shard(planning_model(spec, env.device.type), spec.inputs, env.device, plan)
+
+
+def _ready(x: Any) -> Any:
+    """A sharded module's output as the tensors it stands for: waits on a LazyAwaitable (the output
+    all-to-all of the embeddings), which must happen before, not inside, the compiled region."""
+    return x.wait() if isinstance(x, LazyAwaitable) else x
+
+
+def compile_over_arch(dmp: nn.Module) -> None:
+    """`train.compile`: the ranking model's dense over-arch forward under torch.compile (inductor).
+
+    Only the over-arch: the sharded modules and the pipeline's rewritten forwards around them are
+    TorchRec's runtime (awaitables, collectives), while the over-arch is tensors in, logits out, and a
+    leaf for TrainPipelineSparseDist's tracer, which keeps calling it as one module. What is compiled
+    is its `forward` (set on the instance), after the embeddings' awaitables are waited: with 2+ ranks
+    the pooled output arrives as a LazyAwaitable whose wait runs an autograd all-to-all that dynamo
+    cannot trace. The module itself is unchanged, so parameter names, the state dict and checkpoints
+    are the eager model's (wrapping the module in torch.compile() would add `_orig_mod.`).
+    dynamic=True from the first call: the jagged behaviour count N changes on every batch and B on a
+    last partial batch; without it dynamo compiles static shapes first and recompiles on the second
+    batch. capture_dynamic_output_shape_ops keeps the mini-batch L2's bincount in the graph."""
+    over = [m.over for m in dmp.modules() if isinstance(m, RankingModel)]
+    assert len(over) == 1, f"expected one RankingModel in the sharded model, found {len(over)}"
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    compiled = torch.compile(over[0].forward, dynamic=True)
+
+    def forward(pooled: Any, jagged: Any, *args: Any, **kwargs: Any) -> Any:
+        return compiled(_ready(pooled), _ready(jagged), *args, **kwargs)
+
+    over[0].forward = forward
 
 
 def table_layouts(dmp: nn.Module) -> dict[str, dict]:

@@ -28,13 +28,14 @@ from trec_rank.parallel.env import DistEnv
 from trec_rank.runtime import faults
 from trec_rank.runtime.eval_rows import RankingRows
 from trec_rank.runtime.metrics import EvalMetrics, subset_aucs
-from trec_rank.runtime.model import build_optimizer, ranking_spec, shard_model
+from trec_rank.runtime.model import build_optimizer, compile_over_arch, ranking_spec, shard_model
 from trec_rank.runtime.run import Run, StepWindow, StopSignal, Stopwatch, all_finite
 from trec_rank.train.build import group_ids, open_split
 
 log = logging.getLogger(__name__)
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # train.compile: eval runs the over-arch eager (no eval-mode graphs)
 def evaluate(model: torch.nn.Module, ds: ParquetDataset, cfg: ExperimentConfig, env: DistEnv,
              rows: RankingRows | None = None, split: str = "") -> dict[str, float]:
     """The split's metrics; with `rows`, also every row's scores under `split` (for `trec-rank compare`)."""
@@ -96,6 +97,8 @@ class Trainer:
         self.cfg, self.env, self.run_dir = cfg, env, Path(run_dir)
         spec = ranking_spec(cfg, train_id_counts(cfg))
         self.model = shard_model(spec, env, plan)
+        if cfg.train.compile:
+            compile_over_arch(self.model)
         self.optimizer = build_optimizer(self.model, spec)
         self.train_ds = open_split(cfg, cfg.data.train_split, env, train=True)
         self.eval_ds = {s: open_split(cfg, s, env, train=False) for s in cfg.data.eval_splits}
