@@ -181,7 +181,7 @@ def test_misaligned_histories_in_one_group_are_rejected(din_cfg) -> None:  # noq
           for name, lengths in [("item_id", [1, 1]), ("item_genre", [1, 1]), ("hist_item_id", [2, 1]),
                                 ("hist_genre", [1, 2])]}
     with pytest.raises(ValueError, match="'hist_item_id' and 'hist_genre' are not aligned"):
-        enc._attend(enc.attention[0], ["item_id", "item_genre"], ["hist_item_id", "hist_genre"], None, jt)
+        enc.check_aligned(jt, None)  # forward runs it first (the compiled forward's caller, under train.compile)
 
 
 def test_din_config_errors_name_the_key(din_cfg) -> None:  # noqa: ANN001

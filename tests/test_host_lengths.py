@@ -119,11 +119,12 @@ def test_din_checks_parallel_histories_on_host_lengths(ml100k_dir: Path) -> None
                                                     device=META), lengths=batch.sequence[name].lengths().to(META))
               for name in batch.sequence.keys()}
     on_meta = batch.to(META)
-    args = (unit, targets, hists, None, jagged, enc.key_sides[0], enc.side_embeddings[0])
-    assert enc._attend(*args, on_meta).shape[0] == 16
+    enc.check_aligned(jagged, on_meta)  # host lengths: decided without reading the meta (device) tensors
+    assert enc._attend(unit, targets, hists, None, jagged, enc.key_sides[0], enc.side_embeddings[0],
+                       on_meta).shape[0] == 16
     with pytest.raises((NotImplementedError, RuntimeError), match="(?i)meta"):  # without host lengths: a device read
-        enc._attend(*args, replace(on_meta, host_lengths={}))
+        enc.check_aligned(jagged, replace(on_meta, host_lengths={}))
     bad = dict(on_meta.host_lengths)
     bad[hists[1]] = bad[hists[1]] + 1
     with pytest.raises(ValueError, match="not aligned"):
-        enc._attend(*args, replace(on_meta, host_lengths=bad))
+        enc.check_aligned(jagged, replace(on_meta, host_lengths=bad))

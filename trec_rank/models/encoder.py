@@ -149,17 +149,7 @@ class FeatureEncoder(nn.Module):
     def _attend(self, unit: TargetAttention, targets: list[str], hists: list[str], pooled: KeyedTensor | None,
                 jagged: dict[str, JaggedTensor], sides: list[str] | None = None,
                 side_embs: nn.ModuleList | None = None, batch: Batch | None = None) -> torch.Tensor:
-        # Parallel histories must have equal lengths in every row. The loader's host copies of the lengths
-        # decide it without a device read (a stall per step on a GPU); an exported program's input contract
-        # gives the group one value count instead, and its callers check rows (export/contract.py).
-        lengths = jagged[hists[0]].lengths()
-        if len(hists) > 1 and not torch.compiler.is_exporting():
-            host = batch.host_lengths if batch is not None else {}
-            lens = [host[h] for h in hists] if all(h in host for h in hists) else [jagged[h].lengths() for h in hists]
-            for h, other in zip(hists[1:], lens[1:], strict=True):
-                if not torch.equal(other, lens[0]):
-                    raise ValueError(f"attention histories '{hists[0]}' and '{h}' are not aligned "
-                                     "(different lengths in some row); they must be parallel lists")
+        lengths = jagged[hists[0]].lengths()  # the group's histories are parallel: check_aligned
         query = torch.cat([self._embed(t, pooled, jagged) for t in targets], dim=1)
         keys = torch.cat([jagged[h].values() for h in hists], dim=1)  # [N, dim], jagged
         for name, emb in zip(sides or [], side_embs or [], strict=True):
@@ -176,10 +166,29 @@ class FeatureEncoder(nn.Module):
         assert values.shape[0] == n, f"side '{name}' has {values.shape[0]} values for {n} behaviours"
         return values.long()
 
+    def check_aligned(self, jagged: dict[str, JaggedTensor], batch: Batch | None) -> None:
+        """The histories of one attention group must be parallel lists (equal lengths in every row).
+
+        Decided on the loader's host copies of the lengths (`Batch.host_lengths`), so it costs no device
+        read (a stall per step on a GPU). It reads values, so it runs outside any graph: `forward` runs it
+        eagerly; under `train.compile` the compiled forward's caller does (runtime/model.py); an exported
+        program gives each group one value-count dimension instead and its callers check rows."""
+        host = batch.host_lengths if batch is not None else {}
+        for _, hists in self.groups:
+            if len(hists) < 2:
+                continue
+            lens = [host[h] for h in hists] if all(h in host for h in hists) else [jagged[h].lengths() for h in hists]
+            for h, other in zip(hists[1:], lens[1:], strict=True):
+                if not torch.equal(other, lens[0]):
+                    raise ValueError(f"attention histories '{hists[0]}' and '{h}' are not aligned "
+                                     "(different lengths in some row); they must be parallel lists")
+
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None, dense: torch.Tensor,
                 batch: Batch | None = None) -> Encoded:
         parts = [] if pooled is None else [pooled_values(pooled, self.pooled_names)]
         seq = {} if jagged is None else jagged  # None only without sequence features: nothing reads it
+        if not torch.compiler.is_compiling():
+            self.check_aligned(seq, batch)
         parts += [pool(seq[n], self.pooling[n]) for n in self.pooled_ec]
         for unit, (targets, hists), sides, embs in zip(self.attention, self.groups, self.key_sides,
                                                        self.side_embeddings, strict=True):

@@ -25,6 +25,7 @@ from torchrec.optim.optimizers import in_backward_optimizer_filter
 
 from trec_rank.config.experiment import ExperimentConfig, OptimConfig
 from trec_rank.config.typed import to_dict
+from trec_rank.models.encoder import FeatureEncoder
 from trec_rank.models.ranking import RankingModel, TrainWrapper
 from trec_rank.models.registry import build_model
 from trec_rank.parallel.env import DistEnv
@@ -95,8 +96,13 @@ def compile_over_arch(dmp: nn.Module) -> None:
     torch._dynamo.config.capture_dynamic_output_shape_ops = True
     compiled = torch.compile(over[0].forward, dynamic=True)
 
+    encoder = getattr(over[0], "encoder", None)
+
     def forward(pooled: Any, jagged: Any, *args: Any, **kwargs: Any) -> Any:
-        return compiled(_ready(pooled), _ready(jagged), *args, **kwargs)
+        pooled, jagged = _ready(pooled), _ready(jagged)
+        if isinstance(encoder, FeatureEncoder) and jagged is not None:  # value checks stay out of the graph
+            encoder.check_aligned(jagged, kwargs.get("batch"))
+        return compiled(pooled, jagged, *args, **kwargs)
 
     over[0].forward = forward
 
