@@ -95,7 +95,7 @@ class MiniBatchL2(nn.Module):
         return self.weight * total
 
 
-# A bincount over the table's rows is the cheapest count while the table is small next to the batch; past
+# A count over the table's rows is the cheapest while the table is small next to the batch; past
 # this many rows per occurrence it would allocate and scan a table-sized vector every step, so the count
 # sorts the batch's own ids instead and the step's cost stays flat however large the table grows.
 DENSE_COUNT_ROWS_PER_ID = 64
@@ -105,7 +105,9 @@ def occurrences_per_id(ids: torch.Tensor, keep: torch.Tensor, table_rows: int) -
     """c_j for each occurrence: ids [M] (rows of one table, every feature on it), keep [M] 0/1 weights ->
     [M], the kept occurrences in the batch of the id at each position."""
     if table_rows <= DENSE_COUNT_ROWS_PER_ID * max(ids.numel(), 1):
-        return torch.bincount(ids, weights=keep, minlength=table_rows)[ids]
+        # index_add_ into a table-sized vector, not bincount: bincount sizes its output from max(ids), a
+        # host read per step on a GPU; the sums are whole numbers, exact in any order
+        return keep.new_zeros(table_rows).index_add_(0, ids, keep)[ids]
     # sort, then each id's run of equal ids in the sorted order: no data-dependent shape, so no host sync
     order = torch.argsort(ids)
     ordered = ids[order]

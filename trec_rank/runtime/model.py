@@ -90,10 +90,9 @@ def compile_over_arch(dmp: nn.Module) -> None:
     are the eager model's (wrapping the module in torch.compile() would add `_orig_mod.`).
     dynamic=True from the first call: the jagged behaviour count N changes on every batch and B on a
     last partial batch; without it dynamo compiles static shapes first and recompiles on the second
-    batch. capture_dynamic_output_shape_ops keeps the mini-batch L2's bincount in the graph."""
+    batch."""
     over = [m.over for m in dmp.modules() if isinstance(m, RankingModel)]
     assert len(over) == 1, f"expected one RankingModel in the sharded model, found {len(over)}"
-    torch._dynamo.config.capture_dynamic_output_shape_ops = True
     compiled = torch.compile(over[0].forward, dynamic=True)
 
     encoder = getattr(over[0], "encoder", None)
