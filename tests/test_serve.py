@@ -137,12 +137,12 @@ def test_rows_the_model_cannot_read_are_refused_by_row(tmp_path: Path) -> None:
     for r in rows:
         r["hist_genre"] = [i % 20 for i in r["hist_item_id"]]
     aligned = Contract.from_config(cfg).aligned  # what `trec-rank export` writes into artifact.json for DIN
-    assert aligned == [["hist_genre", "hist_item_id"]]
+    assert aligned == [["hist_item_id", "hist_genre"]]
     conv = RowConverter(cfg, max_rows=8, aligned=aligned, single=["item_id"])  # single: as for an HSTU target
     assert conv.batch(conv.table(rows)).batch_size == 3
     rows[2]["hist_item_id"] = rows[2]["hist_rating"] = rows[2]["hist_ts"] = [1, 2, 3]
     rows[2]["hist_genre"] = [5, 6]
-    assert _bad(rows, conv) == ("row 2: fields 'hist_genre', 'hist_item_id' hold 2, 3 ids (after "
+    assert _bad(rows, conv) == ("row 2: fields 'hist_item_id', 'hist_genre' hold 3, 2 ids (after "
                                 "max_len); the model reads them as parallel lists, so they must be equally long")
     rows[2]["hist_genre"] = [5, 6, 7]
     rows[1]["item_id"] = [3, 4]
