@@ -258,3 +258,22 @@ def test_readme_train_export_serve_curl(tmp_path: Path) -> None:
         assert post(0, 200) == pytest.approx(want.tolist(), abs=1e-5)
         status, health = request(port, "GET", "/health")
         assert status == 200 and health["rows"] >= 400 and health["batches"] < health["requests"]
+
+
+def test_connections_do_not_wait_for_delayed_acks() -> None:
+    """Bug: replies waited ~40 ms each (Nagle against the client's delayed ACK) because asyncio sets
+    TCP_NODELAY only on sockets created with proto IPPROTO_TCP. The listener sets it, and accepted
+    connections inherit it."""
+    import socket
+
+    from trec_rank.serve.cli import _listen
+
+    listener = _listen("127.0.0.1", 0)
+    try:
+        client = socket.create_connection(listener.getsockname())
+        conn, _ = listener.accept()
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        conn.close()
+        client.close()
+    finally:
+        listener.close()
