@@ -60,13 +60,18 @@ def _eval_batch(seq_dir: Path, name: str):  # noqa: ANN202
     return eval_batch(window)
 
 
+def _items(model, batch) -> tuple[torch.Tensor, torch.Tensor]:  # noqa: ANN001
+    """The batch's looked-up item tokens [T, D] (jagged) and their row lengths [B]."""
+    seq = model.ec(batch.ids)["seq"]
+    return seq.values(), seq.lengths()
+
+
 @pytest.mark.parametrize("name", ["hstu", "sasrec"])
 @torch.no_grad()
 def test_token_is_item_plus_action_and_a_zero_table_is_the_plain_model(name: str, seq_dir: Path) -> None:
     plain, act = _models(name, seq_dir)
     batch = _eval_batch(seq_dir, name)
-    seq = plain.ec(batch.ids)["seq"]
-    values, lengths = seq.values(), seq.lengths()
+    values, lengths = _items(plain, batch)
     table = act.head.action.weight
     assert torch.equal(action_tokens(values, table, batch.actions), values + table[batch.actions])
     # the action-aware user embedding is the plain encoder run on item + action tokens
@@ -83,8 +88,7 @@ def test_token_is_item_plus_action_and_a_zero_table_is_the_plain_model(name: str
 def test_history_actions_move_the_user_and_the_target_action_never_does(name: str, seq_dir: Path) -> None:
     _, act = _models(name, seq_dir)
     batch = _eval_batch(seq_dir, name)
-    seq = act.ec(batch.ids)["seq"]
-    values, lengths = seq.values(), seq.lengths()
+    values, lengths = _items(act, batch)
     base = act.head.last_states(values, lengths, batch.timestamps, batch.actions)
     last = torch.cumsum(lengths.long(), 0) - 1  # each row's eval target
     flipped = batch.actions.clone()

@@ -38,6 +38,13 @@ def pad_ints(values: torch.Tensor, offsets: torch.Tensor, max_len: int) -> torch
     return out
 
 
+def _causal_and_rel(length: int, max_len: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """A group padded to `length`: its [L, L] causal mask (1 where key j <= query i) and relative-position
+    index j - i + max_len - 1."""
+    i = torch.arange(length, device=device)
+    return torch.ones(length, length, device=device).tril(), i.unsqueeze(0) - i.unsqueeze(1) + max_len - 1
+
+
 @dataclass
 class Group:
     """Rows of similar length: jagged values [start, end) of the permuted batch, padded to `length`."""
@@ -102,9 +109,7 @@ def plan(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: torch.Tensor
         query = pad_ints(q_perm[start_v:end_v], offs, longest)
         keys = pad_ints(t_perm[start_v:end_v], offs, longest)
         if longest not in idx_cache:
-            i = torch.arange(longest, device=device)
-            idx_cache[longest] = (torch.ones(longest, longest, device=device).tril(),
-                                  i.unsqueeze(0) - i.unsqueeze(1) + max_len - 1)
+            idx_cache[longest] = _causal_and_rel(longest, max_len, device)
         causal, rel = idx_cache[longest]
         groups.append(Group(start_v, end_v, offs, longest,
                             time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), num_buckets), causal, rel))
@@ -124,9 +129,8 @@ def padded_layout(lengths: torch.Tensor, timestamps: torch.Tensor, query_ts: tor
     # one fbgemm op rather than pad_ints: its indexed assignment broadcasts a single value, so the trace
     # would guard against a batch of one token (one row, empty history)
     query, keys = (torch.ops.fbgemm.jagged_1d_to_dense(t, offsets, max_len, 0) for t in (query_ts, timestamps))
-    i = torch.arange(max_len, device=device)
     group = Group(0, n, offsets, max_len, time_buckets(query.unsqueeze(2) - keys.unsqueeze(1), num_buckets),
-                  torch.ones(max_len, max_len, device=device).tril(), i.unsqueeze(0) - i.unsqueeze(1) + max_len - 1)
+                  *_causal_and_rel(max_len, max_len, device))
     return JaggedLayout(torch.arange(n, device=device), torch.ops.fbgemm.offsets_range(offsets, n), [group])
 
 

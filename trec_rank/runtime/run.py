@@ -206,8 +206,8 @@ class Run:
         its eval would otherwise lose that epoch's line for good)."""
         path = self.dir / "metrics_history.jsonl"
         if self.env.is_main and path.is_file():
-            keep = [line for line in path.read_text().splitlines()
-                    if json.loads(line)["step"] < step or (json.loads(line)["step"] == step and not eval_pending)]
+            last = step - 1 if eval_pending else step  # the newest step whose eval is kept
+            keep = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= last]
             path.write_text("".join(line + "\n" for line in keep))
 
     def write_json(self, name: str, value: dict[str, Any], sort_keys: bool = True) -> None:
