@@ -137,3 +137,38 @@ def test_a_rank_error_lands_where_torchelastic_and_torchx_read_it(tmp_path: Path
     assert "Traceback" in message["extraInfo"]["py_callstack"] and message["extraInfo"]["timestamp"].isdigit()
     penv.record_failure("data.path: no such directory")
     assert json.loads(error_file.read_text())["message"]["message"] == "data.path: no such directory"
+
+
+
+def _env(device: str, world: int) -> penv.DistEnv:
+    return penv.DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device(device))
+
+
+def test_the_pipeline_runs_where_there_is_something_to_overlap() -> None:
+    from trec_rank.config.experiment import TrainConfig as T
+    from trec_rank.train.loop import pipelined
+
+    assert not pipelined(T(), _env("cpu", 1))  # one CPU rank: nothing to overlap, the plain loop is faster
+    assert pipelined(T(), _env("cpu", 2)) and pipelined(T(), _env("cuda", 1))
+    assert pipelined(T(pipeline=True), _env("cpu", 1)) and not pipelined(T(pipeline=False), _env("cuda", 8))
+    assert not pipelined(T(pipeline=True, nan_policy="skip"), _env("cuda", 8))  # skip decides before each update
+
+
+def test_one_rank_has_no_ddp_and_keeps_the_checkpoint_names(adult_dir: Path) -> None:
+    """DDP on one rank only costs (its reducer runs every step); DMP's names never had DDP's `module.`,
+    so a one-rank checkpoint is the many-rank one (tests/test_train_equivalence.py resumes 2 -> 1)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    from trec_rank.config.experiment import load_config
+    from trec_rank.runtime.model import ranking_spec, shard_model
+
+    cfg = load_config(Path(__file__).parents[1] / "configs/adult_mmoe.yaml", [f"data.path={adult_dir}/adult"])
+    env = penv.init_distributed("cpu")
+    try:
+        dmp = shard_model(ranking_spec(cfg), env)
+        assert not any(isinstance(m, DistributedDataParallel) for m in dmp.modules())
+        names = set(dmp.state_dict())
+        assert all(n.startswith(("model.ebc.", "model.over.")) for n in names), sorted(names)
+        assert "model.ebc.embedding_bags.age_b.weight" in names and len(names) == 33
+    finally:
+        penv.shutdown()

@@ -66,7 +66,7 @@ def test_resume_continues_exactly(ml100k_dir: Path, tmp_path: Path) -> None:
 
 
 def test_pipelined_and_plain_loops_agree(ml100k_dir: Path, tmp_path: Path) -> None:
-    piped = train(tmp_path / "a", ml100k_dir, "train.max_steps=25")
+    piped = train(tmp_path / "a", ml100k_dir, "train.max_steps=25", "train.pipeline=true")
     plain = train(tmp_path / "b", ml100k_dir, "train.max_steps=25", "train.pipeline=false")
     assert plain["test"]["like/auc"] == pytest.approx(piped["test"]["like/auc"], abs=1e-6)
 

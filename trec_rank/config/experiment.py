@@ -70,7 +70,7 @@ class TrainConfig:
     eval_every: int = 0  # steps between evals on the eval splits; 0: at the end of each epoch
     checkpoint_every: int = 0  # steps; 0: at the end of each epoch
     keep_checkpoints: int = 2
-    pipeline: bool = True  # TrainPipelineSparseDist; false: a plain loop (debugging)
+    pipeline: bool | None = None  # TrainPipelineSparseDist; null: on for GPUs and several ranks (see pipelined())
     log_every: int = 50
     seed: int = 0
     loss_weights: dict[str, float] = field(default_factory=dict)

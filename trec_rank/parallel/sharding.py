@@ -15,11 +15,10 @@ import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
 from torch.distributed.optim import _apply_optimizer_in_backward
-from torch.nn.parallel import DistributedDataParallel
 from torchrec import EmbeddingBagCollection, EmbeddingCollection
 from torchrec.distributed.embedding import EmbeddingCollectionSharder
 from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
-from torchrec.distributed.model_parallel import DistributedModelParallel
+from torchrec.distributed.model_parallel import DataParallelWrapper, DistributedModelParallel
 from torchrec.distributed.planner import EmbeddingShardingPlanner, ParameterConstraints
 from torchrec.distributed.planner.enumerators import EmbeddingEnumerator
 from torchrec.distributed.planner.storage_reservations import HeuristicalStorageReservation
@@ -174,17 +173,18 @@ def shard(model: nn.Module, inputs: ShardingInputs, device: torch.device,
         topo = topology(inputs.sharding, world, local_world, device.type)
         plan = planner(inputs, topo, device.type).collective_plan(model, sharders(), dist.GroupMember.WORLD)
     dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(),
-                                   env=ShardingEnv.from_process_group(dist.GroupMember.WORLD))
-    ddp = dmp._dmp_wrapped_module
-    if world == 1 and isinstance(ddp, DistributedDataParallel):
-        ddp.register_comm_hook(None, _local_gradients)
+                                   env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                   data_parallel_wrapper=OneRankWrapper() if world == 1 else None)
     return dmp
 
 
-def _local_gradients(_state, bucket):  # noqa: ANN001, ANN202 - DDP rejects string (postponed) annotations
-    """DDP comm hook for one rank: the all-reduced (and /1 averaged) bucket is the bucket itself.
+class OneRankWrapper(DataParallelWrapper):
+    """On one rank the dense part needs no DDP: there is nothing to all-reduce or broadcast.
 
-    Skips a gloo all_reduce per gradient bucket per step that cannot change anything."""
-    fut: torch.futures.Future[torch.Tensor] = torch.futures.Future()
-    fut.set_result(bucket.buffer())
-    return fut
+    DDP would still run its reducer every step (a hook per parameter, copies into and out of its
+    buckets, a gloo call on one rank): about a tenth of a small model's CPU step. DMP's parameter and
+    state-dict names do not include DDP's `module.` (DMP strips it), so checkpoints are the same
+    either way and a one-rank run resumes a many-rank run's checkpoint and back."""
+
+    def wrap(self, dmp: DistributedModelParallel, env: ShardingEnv, device: torch.device) -> None:
+        dmp._dmp_wrapped_module.to(device)
