@@ -5,16 +5,17 @@
 
 din is configs/ml100k_din.yaml, mmoe configs/adult_mmoe.yaml, as shipped except batch size, no eval
 splits and no checkpoint inside the profiled window. One process (a one-rank gloo group), the real
-Trainer: DMP, fused tables, TrainPipelineSparseDist, the Parquet loader, the loss window and logging.
+Trainer: DMP, fused tables, its loop (`pipelined()`), the Parquet loader, the loss window and logging.
 The machine this runs on is shared, so read shares and op counts, not milliseconds:
 
   top ops     the self-CPU table of the profiled steps (the top `--top` rows).
-  phases      each step cut by the pipeline's own `## ... ##` ranges plus an `over-arch forward`
-              range put around the dense over-arch (a forward wrapper on the module, added here only):
+  phases      each step cut by the loop's `## ... ##` ranges (the pipeline's; the plain loop, one CPU
+              rank's default, marks the same names) plus an `over-arch forward` range put around the
+              dense over-arch (a forward wrapper on the module, added here only):
               batch (the loader's next batch), input dist (KJT splits and all-to-alls), embedding
               forward (sharded lookups and output dist), over-arch forward, rest of forward (the loss,
               the wrapper, pipeline glue), backward (of which the fused TBE backward), optimizer
-              (zero_grad + step), and outside the pipeline (the trainer loop: loss window, feed,
+              (zero_grad + step), and outside the step (the trainer loop: loss window, feed,
               progress bar, logging and the host sync every log_every steps).
   per step    aten ops dispatched, host reads of a tensor (aten::item / _local_scalar_dense) and
               collectives, per step.
@@ -47,6 +48,7 @@ PHASES = [  # (phase, pattern of a top-level range), first match wins
     ("optimizer", r"## (optimizer|zero_grad)"),
 ]
 OUTSIDE, EMB, REST, TBE = "outside", "embeddings", "rest of forward", "fused TBE backward"
+INPUT_DIST = re.compile(r"\[splits_dist\]|## KJT\w*Awaitable wait\(\) ##")  # inside the plain loop's forward
 EMBEDDING = re.compile(r"\[(lookup|output_dist)\]|## \w+Awaitable wait\(\) ##|## runtime_forward")
 TBE_BACKWARD = re.compile(r"fbgemm::split_embedding.*backward|backward.*codegen", re.IGNORECASE)
 
@@ -96,7 +98,8 @@ def forward_parts(event) -> dict[str, float]:  # noqa: ANN001 - a profiler Funct
             stack += e.cpu_children
             continue
         us = e.time_range.elapsed_us()
-        parts[EMB if EMBEDDING.match(e.name) else OVER if e.name == OVER else REST] += us
+        parts["input dist" if INPUT_DIST.match(e.name) else EMB if EMBEDDING.match(e.name)
+              else OVER if e.name == OVER else REST] += us
     return parts
 
 
@@ -104,6 +107,7 @@ def summarise(prof: torch.profiler.profile, steps: int, top: int) -> None:
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top))
     events = prof.events()
     us: dict[str, float] = defaultdict(float)
+    parts: dict[str, float] = defaultdict(float)  # inside the forward ranges
     total = 0.0
     for step in (e for e in events if e.name.startswith("ProfilerStep")):
         total += step.time_range.elapsed_us()
@@ -112,14 +116,16 @@ def summarise(prof: torch.profiler.profile, steps: int, top: int) -> None:
             us[phase] += e.time_range.elapsed_us()
             if phase == "forward":
                 for part, t in forward_parts(e).items():
-                    us[part] += t
+                    parts[part] += t
     us[OUTSIDE] += total - sum(us[p] for p, _ in PHASES) - us[OUTSIDE]  # the steps' own time between ranges
-    us[REST] += us["forward"] - us[EMB] - us[OVER] - us[REST]  # the forward range's own time
+    parts[REST] += us["forward"] - sum(parts.values())  # the forward range's own time
+    for part, t in parts.items():  # the plain loop distributes the input inside its forward
+        us[part] += t
     us[TBE] = sum(e.self_cpu_time_total for e in events if TBE_BACKWARD.search(e.name))
     rows = [("batch", "batch (loader next + copy)"), ("input dist", "input dist (KJT splits, all-to-all)"),
             (EMB, "embedding forward (lookups, output dist)"), (OVER, OVER), (REST, "rest of forward (loss, glue)"),
             ("backward", "backward"), (TBE, "  of which fused TBE backward"),
-            ("optimizer", "optimizer (zero_grad + step)"), (OUTSIDE, "outside the pipeline (trainer loop)")]
+            ("optimizer", "optimizer (zero_grad + step)"), (OUTSIDE, "outside the step (trainer loop)")]
     print(f"\n{steps} steps profiled, {total / steps / 1000:.2f} ms/step (shared machine: read the shares)")
     for key, label in rows:
         print(f"  {label:42} {100 * us[key] / total:6.1f}%  {us[key] / steps / 1000:7.3f} ms")

@@ -15,7 +15,7 @@ from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.registry import build_model
-from trec_rank.models.towers import build_network
+from trec_rank.models.towers import build_network, mix
 
 TASKS = ["a", "b", "c"]
 
@@ -51,6 +51,27 @@ def test_mmoe_has_one_gate_per_task_over_all_experts() -> None:
     assert not torch.equal(out["a"], out["b"])
     experts = net.experts(x)  # [B, 4, 8]; task output = gate-weighted sum of the expert outputs
     torch.testing.assert_close(out["c"], (gates["c"].unsqueeze(-1) * experts).sum(1))
+
+
+@pytest.mark.parametrize("kind", ["moe", "mmoe"])
+def test_experts_and_gates_as_one_matmul_equal_each_module_on_its_own(kind: str) -> None:
+    """forward_gates runs the experts' first layers and the gates as one addmm; the same function
+    computed module by module (expert MLPs, softmax(gate(x)), mix) gives the same outputs and gradients."""
+    net = _net(kind, MoEParams(experts=3, expert_hidden=[8, 4], dropout=0.0))
+    x = torch.randn(7, 6, requires_grad=True)
+    out, gates = net.forward_gates(x)
+    experts = net.experts(x)
+    want_gates = {name: torch.softmax(gate.linear(x), -1) for name, gate in net.gates.items()}
+    want = {t: mix(want_gates[t if kind == "mmoe" else "shared"], experts) for t in TASKS}
+    for name in want_gates:
+        torch.testing.assert_close(gates[name], want_gates[name])
+    params = [x, *net.parameters()]
+    got_grads = torch.autograd.grad(sum((i + 1) * out[t].square().sum() for i, t in enumerate(TASKS)), params)
+    want_grads = torch.autograd.grad(sum((i + 1) * want[t].square().sum() for i, t in enumerate(TASKS)), params)
+    for t in TASKS:
+        torch.testing.assert_close(out[t], want[t])
+    for got, expected in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(got, expected)
 
 
 def test_cgc_task_gates_mix_own_and_shared_experts() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from itertools import islice
 
 import torch
 from torch import nn
@@ -26,3 +27,16 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
+
+    @property
+    def first(self) -> nn.Linear:
+        """The first layer, for callers that run several MLPs' first layers as one matmul."""
+        layer = self.net[0]
+        assert isinstance(layer, nn.Linear), "an MLP with hidden layers starts with a Linear"
+        return layer
+
+    def after_first(self, h: torch.Tensor) -> torch.Tensor:
+        """forward(x) given h = first(x)."""
+        for layer in islice(self.net, 1, None):
+            h = layer(h)
+        return h

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.profiler import record_function
 from torch.utils.tensorboard import SummaryWriter
 from torchrec.distributed.train_pipeline import TrainPipelineSparseDist
 from tqdm import tqdm
@@ -189,9 +190,13 @@ class Trainer:
                     self.pipeline = None
                     return
                 yield loss
-        for batch in feed:  # the plain loop decides on every step, before the update (nan_policy)
-            batch = batch.to(self.env.device, non_blocking=True)
-            loss, _ = self.model(batch)
+        while True:  # the plain loop decides on every step, before the update (nan_policy); its ranges are
+            with record_function("## next_batch ##"):  # the pipeline's names, for profiles of either loop
+                batch = next(feed, None)
+            if batch is None:
+                return
+            with record_function("## forward ##"):
+                loss, _ = self.model(batch.to(self.env.device, non_blocking=True))
             if not all_finite(loss):  # all ranks decide alike
                 if self.cfg.train.nan_policy == "skip":
                     log.warning("step %d: non-finite loss, batch skipped", self.step + 1)
@@ -201,9 +206,12 @@ class Trainer:
                 self.force_sync = True  # fit() stops on it before any update is applied
                 yield torch.tensor(float("nan"))
                 continue
-            self.optimizer.zero_grad()
-            loss.backward()
-            self.optimizer.step()
+            with record_function("## zero_grad ##"):
+                self.optimizer.zero_grad()
+            with record_function("## backward ##"):
+                loss.backward()
+            with record_function("## optimizer ##"):
+                self.optimizer.step()
             yield loss.detach()
 
     def _sync(self, window: StepWindow, stop: StopSignal | None) -> float:
