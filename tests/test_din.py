@@ -300,6 +300,32 @@ def test_minibatch_l2_equals_manual_sum_and_only_touches_batch_rows() -> None:
     assert w_user.grad.abs().sum(1).nonzero().flatten().tolist() == [4]
 
 
+def test_minibatch_l2_follows_the_pooled_outputs_own_key_order() -> None:
+    """A sharded EBC orders its output by sharding type: the penalty maps each column of the
+    KeyedTensor to its feature by the KeyedTensor's keys, whatever the KJT's order and widths.
+    Also: an empty last bag, and a table (tag) left out of `tables`, add nothing."""
+    from torchrec.sparse.jagged_tensor import KeyedTensor
+
+    schema = from_dict(Schema, {
+        "tables": [{"name": "a", "num_embeddings": 5, "embedding_dim": 3},
+                   {"name": "b", "num_embeddings": 4, "embedding_dim": 2},
+                   {"name": "tag", "num_embeddings": 3, "embedding_dim": 2}],
+        "features": [{"name": "fa", "kind": "sparse", "table": "a"}, {"name": "fb", "kind": "sparse", "table": "b"},
+                     {"name": "ft", "kind": "sparse", "table": "tag"}, {"name": "y", "kind": "label"}]})
+    sparse = KeyedJaggedTensor.from_lengths_sync(["fa", "fb", "ft"], torch.tensor([2, 4, 3, 1, 2, 2]),
+                                                 torch.tensor([1, 1, 1, 0, 1, 1]))  # fb's 2nd bag is empty
+    rows = {"fa": torch.randn(2, 3), "fb": torch.randn(2, 2), "ft": torch.randn(2, 2)}
+    order = ["ft", "fb", "fa"]  # not the KJT's
+    pooled = KeyedTensor(order, [2, 2, 3], torch.cat([rows[k] for k in order], dim=1))
+    batch = Batch(dense=torch.zeros(2, 0), sparse=sparse, sequence=KeyedJaggedTensor.empty(),
+                  weights=torch.tensor([1.0, 1.0]))
+    l2 = MiniBatchL2(schema, L2Params(weight=1.0, tables=["a", "b"]))
+    l2.counts = {"a": np.array([1, 1, 5, 1, 4]), "b": np.array([1, 1, 1, 2])}
+    # fa: ids 2 (n 5) and 4 (n 4); fb: id 3 (n 2) in row 0, row 1 empty; ft: not counted
+    want = rows["fa"][0].pow(2).sum() / 5 + rows["fa"][1].pow(2).sum() / 4 + rows["fb"][0].pow(2).sum() / 2
+    torch.testing.assert_close(l2(pooled, None, batch), want)
+
+
 def test_minibatch_l2_unseen_ids_count_once_and_tables_are_checked() -> None:
     schema = from_dict(Schema, L2_SCHEMA)
     l2 = MiniBatchL2(schema, L2Params(weight=1.0, tables=["item"]))

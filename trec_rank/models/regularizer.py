@@ -38,61 +38,115 @@ class MiniBatchL2(nn.Module):
     `registry.build_model(..., id_counts=)`); a model built for planning, eval or scoring has none
     and never needs them. The inverse frequencies are kept as plain tensors on the device of the
     first batch, not as buffers: DMP would zero-fill a meta buffer, and they are data, not learned state.
+
+    Every counted table lives in one global row space (table t's row j is `start[t] + j`), so the
+    whole batch, every feature of every table, is one vector of occurrences [M] and the penalty is a
+    fixed, small number of ops per step: a loop over features and tables cost ~300 small ops, a
+    sixth of DIN's step at batch 256.
     """
 
     def __init__(self, schema: Schema, params: L2Params, key: str = "model.params.encoder.l2") -> None:
         super().__init__()
         self.tables = params.counted_tables(schema, key)
-        seq = {f.name for f in schema.sequence_features}
-        self.features = [(f.name, f.table, f.name in seq) for f in schema.features
-                         if f.kind in ("sparse", "sequence") and f.table in self.tables]
+        self.table_of = {f.name: f.table for f in schema.features
+                         if f.kind in ("sparse", "sequence") and f.table in self.tables}
         self.weight = params.weight
-        self.counts: dict[str, np.ndarray] | None = None
-        self._inv_freq: dict[str, torch.Tensor] = {}
+        self._counts: dict[str, np.ndarray] | None = None
+        self._inv_freq: torch.Tensor | None = None  # [sum of counted table rows], float32
+        self._start: dict[str, int] = {}  # table -> its first row in the global row space
+        self._layouts: dict[tuple, tuple[torch.Tensor, ...]] = {}  # per KJT key order and device
+
+    @property
+    def counts(self) -> dict[str, np.ndarray] | None:
+        return self._counts
+
+    @counts.setter
+    def counts(self, counts: dict[str, np.ndarray] | None) -> None:
+        """Builds the global row space here, once, outside any training step (and any compiled graph)."""
+        self._counts, self._layouts = counts, {}
+        if counts is None:
+            self._inv_freq = None
+            return
+        rows = [len(counts[t]) for t in self.tables]
+        self._start = dict(zip(self.tables, np.cumsum([0, *rows[:-1]]).tolist(), strict=True))
+        n = np.concatenate([np.maximum(counts[t], 1) for t in self.tables])  # unseen ids: n_j = 1
+        self._inv_freq = 1.0 / torch.from_numpy(n).to(torch.float32)
+
+    def _global(self, device: torch.device) -> torch.Tensor:
+        """1 / n_j of every counted table, concatenated, on `device` (moved there once)."""
+        assert self._inv_freq is not None, "training with the L2 needs build_model(..., id_counts=...)"
+        if self._inv_freq.device != device:
+            self._inv_freq = self._inv_freq.to(device)
+        return self._inv_freq
 
     def inverse_frequency(self, table: str, device: torch.device) -> torch.Tensor:
-        """1 / n_j as float32 [table_rows]; ids never seen in training get n_j = 1."""
-        if not self._inv_freq or next(iter(self._inv_freq.values())).device != device:
-            assert self.counts is not None, "training with the L2 needs build_model(..., id_counts=...)"
-            counts = self.counts
-            self._inv_freq = {t: 1.0 / torch.from_numpy(np.maximum(counts[t], 1)).to(device, torch.float32)
-                              for t in self.tables}
-        return self._inv_freq[table]
+        """1 / n_j of one table [table_rows]."""
+        assert self._counts is not None
+        return self._global(device)[self._start[table]:self._start[table] + len(self._counts[table])]
 
-    def _occurrences(self, name: str, in_sequence: bool, pooled: KeyedTensor | None,
-                     jagged: dict[str, JaggedTensor] | None, batch: Batch
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids [M], looked-up rows [M, D], keep [M] float: 1 for the occurrences the penalty covers) of one
-        feature.
+    def _keys(self, keys: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(counted [K] 0/1, global start row [K]) of a KJT's keys; keys of other tables count 0."""
+        cache = ("keys", tuple(keys), device)
+        if cache not in self._layouts:
+            self._layouts[cache] = (
+                torch.tensor([1.0 if k in self.table_of else 0.0 for k in keys], device=device),
+                torch.tensor([self._start[self.table_of[k]] if k in self.table_of else 0 for k in keys], device=device))
+        counted, start = self._layouts[cache]
+        return counted, start
 
-        Sequence occurrences are masked by `keep` rather than selected: boolean indexing of the
-        [N, D] rows, and its index_put backward, cost more than the whole penalty."""
-        if in_sequence:
-            assert jagged is not None, name
-            ids, lengths = batch.seq_feature(name)
-            rows = jagged[name].values()
-            keep = (batch.weights[segment_ids(lengths, rows.shape[0])] > 0).to(rows.dtype)
-            return ids, rows, keep
-        kjt = batch.sparse[name]
-        keep = (kjt.lengths() == 1) & (batch.weights > 0)
-        assert pooled is not None, name
-        rows = pooled[name]  # [B, D]; bags that are not exactly one id are masked, not selected (no sync)
+    def _columns(self, pooled: KeyedTensor, keys: list[str], device: torch.device) -> torch.Tensor:
+        """[sum D]: for each column of pooled.values(), its feature's position in the sparse KJT's `keys`.
+
+        A sharded EBC orders its output by sharding type, so the map follows the KeyedTensor's own keys."""
+        cache = ("columns", tuple(pooled.keys()), tuple(keys), device)
+        if cache not in self._layouts:
+            where = {k: i for i, k in enumerate(keys)}
+            cols = [where[k] for k, d in zip(pooled.keys(), pooled.length_per_key(), strict=True) for _ in range(d)]
+            self._layouts[cache] = (torch.tensor(cols, device=device),)
+        return self._layouts[cache][0]
+
+    def _pooled(self, pooled: KeyedTensor, batch: Batch, live: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EBC features: a pooled row equals a table row only for a bag of exactly one id, so other bags
+        are masked (not selected: no data-dependent shapes). -> (global ids, keep, ||row||^2), each [K*B]."""
+        kjt, b = batch.sparse, live.numel()
+        keys = kjt.keys()
+        counted, start = self._keys(keys, live.device)
         values = torch.cat([kjt.values(), kjt.values().new_zeros(1)])  # an empty last bag's start is in range
-        return values[kjt.offsets()[:-1]], rows, keep.to(rows.dtype)
+        first = values[kjt.offsets()[:-1]].view(len(keys), b)  # [K, B]: each bag's first id
+        keep = ((kjt.lengths().view(len(keys), b) == 1).to(live.dtype) * counted.unsqueeze(1) * live).flatten()
+        ids = torch.where(keep > 0, (first + start.unsqueeze(1)).flatten(), 0)
+        per_key = live.new_zeros(b, len(keys)).index_add_(1, self._columns(pooled, keys, live.device),
+                                                          pooled.values().pow(2))  # [B, K]
+        return ids, keep, per_key.t().flatten()
+
+    def _sequence(self, jagged: dict[str, JaggedTensor], batch: Batch, live: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """EC features: every id in a live row. -> (global ids, keep, ||row||^2), each [N] (jagged)."""
+        kjt, b = batch.sequence, live.numel()
+        keys = kjt.keys()
+        counted, start = self._keys(keys, live.device)
+        values = kjt.values()  # [N]: the keys' ids one after another, as the EC's outputs
+        bag = segment_ids(kjt.lengths(), values.numel())  # [N] -> bag (key-major, K*B bags)
+        keep = (counted.unsqueeze(1) * live).flatten()[bag]
+        ids = torch.where(keep > 0, values + start.unsqueeze(1).expand(-1, b).flatten()[bag], 0)
+        rows = torch.cat([jagged[k].values() for k in keys])  # [N, D]: one EC, so one embedding width
+        return ids, keep, rows.pow(2).sum(dim=1)
 
     def forward(self, pooled: KeyedTensor | None, jagged: dict[str, JaggedTensor] | None,
                 batch: Batch) -> torch.Tensor:
-        by_table: dict[str, list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]] = {}
-        for name, table, in_sequence in self.features:
-            by_table.setdefault(table, []).append(self._occurrences(name, in_sequence, pooled, jagged, batch))
-        total = batch.dense.new_zeros(())
-        for table, parts in by_table.items():
-            inv_freq = self.inverse_frequency(table, batch.dense.device)
-            ids, keep = torch.cat([i for i, _, _ in parts]), torch.cat([k for _, _, k in parts])
-            scale = inv_freq[ids] / occurrences_per_id(ids, keep, inv_freq.numel()).clamp(min=1.0)  # 1/(n_j c_j)
-            for (_, rows, k), s in zip(parts, scale.split([i.numel() for i, _, _ in parts]), strict=True):
-                total = total + (s * k * rows.pow(2).sum(dim=1)).sum()
-        return self.weight * total
+        inv_freq = self._global(batch.dense.device)
+        live = (batch.weights > 0).to(torch.float32)  # zero-weight rows (lockstep padding) add nothing
+        parts = []
+        if pooled is not None and batch.sparse.keys():
+            parts.append(self._pooled(pooled, batch, live))
+        if jagged is not None and batch.sequence.keys():
+            parts.append(self._sequence(jagged, batch, live))
+        if not parts:
+            return batch.dense.new_zeros(())
+        ids, keep, sq = (torch.cat(x) for x in zip(*parts, strict=True))
+        scale = inv_freq[ids] / occurrences_per_id(ids, keep, inv_freq.numel()).clamp(min=1.0)  # 1/(n_j c_j)
+        return self.weight * (scale * keep * sq).sum()
 
 
 # A count over the table's rows is the cheapest while the table is small next to the batch; past
