@@ -1,35 +1,42 @@
-"""Loader throughput: Parquet -> Batch rows/s, against the training throughput of the base model.
+"""Loader throughput: Parquet -> Batch rows/s, against what the real trainer consumes, same run.
 
-    .venv/bin/python benchmarks/loader.py [--rows 300000] [--data data/ml-100k]
+    .venv/bin/python benchmarks/loader.py [--rows 300000] [--data data] [--steps 150] [--threads 2]
 
-Measures, single process, for MovieLens-100K `ranking/` (history 50, 4 sequence features) and a
-synthetic DLRM-shaped dataset (26 sparse + 13 dense): loader rows/s and batches/s with 0 and 2
-workers, and one training step's rows/s of the base model (unsharded, same batch) measured in the
-same run. The last column is loader / training: the loader must never be the bottleneck (>= 10x).
+For each case: the loader's rows/s and batches/s (`ParquetDataset.batches`, 0 and 2 workers), and the
+training rows/s of the real one-rank Trainer (DMP, fused tables, its loop, this loader) over --steps
+steps on the same data and config (`throughput.json`: start-up, eval and checkpoints left out). The
+last column is loader / trainer: the loader must never be the bottleneck (issue 18: >= 5x).
+  ml-100k base       configs/ml100k_base.yaml (history 50, 4 sequence features), batch 256
+  ml-100k DIN        benchmarks/configs/din_peers.yaml (the peers benchmark's DIN), batch 256
+  adult MMoE         benchmarks/configs/mmoe.yaml (the peers benchmark's MMoE), batch 256
+  synthetic DLRM     configs/synthetic_dlrm.yaml (26 sparse + 13 dense, --rows rows), batch 2048
+Data under --data is prepared when absent (ml-100k/, adult/; the synthetic rows in a temp dir).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from trec_rank.config.experiment import load_config
+from trec_rank.config.experiment import ExperimentConfig, load_config
 from trec_rank.data.dataset import ParquetDataset
+from trec_rank.data.prepare.adult import prepare_adult
 from trec_rank.data.prepare.movielens import prepare_movielens
 from trec_rank.data.prepare.synthetic import prepare_synthetic
-from trec_rank.models.embeddings import materialize
-from trec_rank.models.ranking import TrainWrapper
-from trec_rank.models.registry import build_model
+from trec_rank.parallel.env import init_distributed, shutdown
+from trec_rank.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def loader_rate(path: Path, cfg, workers: int) -> tuple[float, float]:  # noqa: ANN001
-    ds = ParquetDataset(path, cfg.schema, cfg.data.batch_size, shuffle=True, num_workers=workers, validate="schema")
+def loader_rate(cfg: ExperimentConfig, workers: int) -> tuple[float, float]:
+    ds = ParquetDataset(cfg.data.split_path("train"), cfg.schema, cfg.data.batch_size, shuffle=True,
+                        num_workers=workers, validate="schema")
     t0, rows, batches = time.perf_counter(), 0, 0
     for b in ds.batches():
         rows += b.batch_size
@@ -38,48 +45,45 @@ def loader_rate(path: Path, cfg, workers: int) -> tuple[float, float]:  # noqa: 
     return rows / dt, batches / dt
 
 
-def train_rate(path: Path, cfg, steps: int = 30) -> float:  # noqa: ANN001
-    torch.manual_seed(0)
-    model = materialize(TrainWrapper(build_model(cfg, torch.device("meta")), cfg.model.tasks, {}), torch.device("cpu"))
-    opt = torch.optim.Adagrad(model.parameters(), lr=0.01)
-    batches = []
-    for b in ParquetDataset(path, cfg.schema, cfg.data.batch_size, validate="schema").batches():
-        batches.append(b)
-        if len(batches) == steps + 5:
-            break
-    for i, b in enumerate(batches):
-        if i == 5:
-            t0 = time.perf_counter()
-        loss, _ = model(b)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return (len(batches) - 5) * cfg.data.batch_size / (time.perf_counter() - t0)
+def trainer_rate(config: Path, data: Path, batch: int, steps: int) -> float:
+    """Rows/s of the real Trainer on one rank (its throughput.json)."""
+    sets = [f"data.path={data}", f"data.batch_size={batch}", f"train.max_steps={steps}", "train.epochs=1000",
+            "data.eval_splits=[]", "train.checkpoint_every=1000000", "train.log_every=1000000"]
+    with tempfile.TemporaryDirectory() as run:
+        Trainer(load_config(config, sets), init_distributed("cpu"), run).fit()
+        shutdown()
+        return json.loads((Path(run) / "throughput.json").read_text())["samples_per_s"]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--rows", type=int, default=300_000, help="synthetic rows")
-    p.add_argument("--data", default=str(ROOT / "data" / "ml-100k"), help="prepared ml-100k root (made if absent)")
+    p.add_argument("--data", default=str(ROOT / "data"), help="root of ml-100k/ and adult/ (prepared if absent)")
+    p.add_argument("--steps", type=int, default=150, help="trainer steps per case")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads (the peers benchmark's 2)")
     args = p.parse_args()
-    torch.set_num_threads(2)
-    ml = Path(args.data)
-    if not (ml / "ranking" / "train").is_dir():
-        prepare_movielens("ml-100k", ml)
-    ml_cfg = load_config(ROOT / "configs" / "ml100k_base.yaml")
-    syn_cfg = load_config(ROOT / "configs" / "synthetic_dlrm.yaml")
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    if not (data / "ml-100k" / "ranking" / "train").is_dir():
+        prepare_movielens("ml-100k", data / "ml-100k")
+    if not (data / "adult" / "adult" / "train").is_dir():
+        prepare_adult(data / "adult")
     with tempfile.TemporaryDirectory() as tmp:
-        prepare_synthetic(syn_cfg.schema, args.rows, Path(tmp))
-        cases = [("ml-100k ranking/ (hist 50)", ml / "ranking" / "train", ml_cfg),
-                 (f"synthetic 26 sparse ({args.rows:,} rows)", Path(tmp) / "train", syn_cfg)]
-        print(f"{'dataset':34} {'batch':>6} {'workers':>7} {'rows/s':>10} {'batches/s':>9} "
-              f"{'train rows/s':>12} {'loader/train':>12}")
-        for name, path, cfg in cases:
-            train = train_rate(path, cfg)
+        syn = load_config(ROOT / "configs" / "synthetic_dlrm.yaml")
+        prepare_synthetic(syn.schema, args.rows, Path(tmp))
+        cases = [("ml-100k base", "configs/ml100k_base.yaml", data / "ml-100k" / "ranking", 256),
+                 ("ml-100k DIN", "benchmarks/configs/din_peers.yaml", data / "ml-100k" / "ranking", 256),
+                 ("adult MMoE", "benchmarks/configs/mmoe.yaml", data / "adult" / "adult", 256),
+                 (f"synthetic DLRM ({args.rows:,} rows)", "configs/synthetic_dlrm.yaml", Path(tmp), 2048)]
+        print(f"{'case':30} {'batch':>6} {'workers':>7} {'rows/s':>10} {'batches/s':>9} "
+              f"{'trainer rows/s':>14} {'loader/trainer':>14}", flush=True)
+        for name, config, path, batch in cases:
+            cfg = load_config(ROOT / config, [f"data.path={path}", f"data.batch_size={batch}"])
+            train = trainer_rate(ROOT / config, path, batch, args.steps)
             for workers in (0, 2):
-                rows, batches = loader_rate(path, cfg, workers)
-                print(f"{name:34} {cfg.data.batch_size:>6} {workers:>7} {rows:>10,.0f} {batches:>9,.1f} "
-                      f"{train:>12,.0f} {rows / train:>11.1f}x")
+                rows, batches = loader_rate(cfg, workers)
+                print(f"{name:30} {batch:>6} {workers:>7} {rows:>10,.0f} {batches:>9,.1f} "
+                      f"{train:>14,.0f} {rows / train:>13.1f}x", flush=True)
 
 
 if __name__ == "__main__":
