@@ -3,9 +3,10 @@
     .venv/bin/python benchmarks/loader.py [--rows 300000] [--data data] [--steps 150] [--threads 2]
 
 For each case: the loader's rows/s and batches/s (`ParquetDataset.batches`, 0 and 2 workers), and the
-training rows/s of the real one-rank Trainer (DMP, fused tables, its loop, this loader) over --steps
-steps on the same data and config (`throughput.json`: start-up, eval and checkpoints left out). The
-last column is loader / trainer: the loader must never be the bottleneck (issue 18: >= 5x).
+training rows/s of the real one-rank trainer (`trec-rank train`: DMP, fused tables, its loop, this
+loader) over --steps steps on the same data and config (`throughput.json`: start-up, eval and
+checkpoints left out). The last column is loader / trainer: the loader must never be the bottleneck
+(issue 18: >= 5x).
   ml-100k base       configs/ml100k_base.yaml (history 50, 4 sequence features), batch 256
   ml-100k DIN        benchmarks/configs/din_peers.yaml (the peers benchmark's DIN), batch 256
   adult MMoE         benchmarks/configs/mmoe.yaml (the peers benchmark's MMoE), batch 256
@@ -17,6 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -28,8 +32,6 @@ from trec_rank.data.dataset import ParquetDataset
 from trec_rank.data.prepare.adult import prepare_adult
 from trec_rank.data.prepare.movielens import prepare_movielens
 from trec_rank.data.prepare.synthetic import prepare_synthetic
-from trec_rank.parallel.env import init_distributed, shutdown
-from trec_rank.train.loop import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -45,13 +47,16 @@ def loader_rate(cfg: ExperimentConfig, workers: int) -> tuple[float, float]:
     return rows / dt, batches / dt
 
 
-def trainer_rate(config: Path, data: Path, batch: int, steps: int) -> float:
-    """Rows/s of the real Trainer on one rank (its throughput.json)."""
+def trainer_rate(config: Path, data: Path, batch: int, steps: int, threads: int) -> float:
+    """Rows/s of the real one-rank trainer (`trec-rank train`'s throughput.json), in its own process:
+    a DataLoader that forks workers after a process group was destroyed in the same process can hang."""
     sets = [f"data.path={data}", f"data.batch_size={batch}", f"train.max_steps={steps}", "train.epochs=1000",
             "data.eval_splits=[]", "train.checkpoint_every=1000000", "train.log_every=1000000"]
     with tempfile.TemporaryDirectory() as run:
-        Trainer(load_config(config, sets), init_distributed("cpu"), run).fit()
-        shutdown()
+        cmd = [sys.executable, "-m", "trec_rank.cli", "train", str(config), "--run-dir", run]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+        subprocess.run([*cmd, *[a for s in sets for a in ("--set", s)]], cwd=ROOT, env=env, check=True,
+                       capture_output=True)
         return json.loads((Path(run) / "throughput.json").read_text())["samples_per_s"]
 
 
@@ -79,7 +84,7 @@ def main() -> None:
               f"{'trainer rows/s':>14} {'loader/trainer':>14}", flush=True)
         for name, config, path, batch in cases:
             cfg = load_config(ROOT / config, [f"data.path={path}", f"data.batch_size={batch}"])
-            train = trainer_rate(ROOT / config, path, batch, args.steps)
+            train = trainer_rate(ROOT / config, path, batch, args.steps, args.threads)
             for workers in (0, 2):
                 rows, batches = loader_rate(cfg, workers)
                 print(f"{name:30} {batch:>6} {workers:>7} {rows:>10,.0f} {batches:>9,.1f} "

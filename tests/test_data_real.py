@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -12,13 +15,26 @@ from trec_rank.data.dataset import ParquetDataset
 ROOT = Path(__file__).resolve().parents[1]
 
 
+WORKERS = """
+import json, sys
+from trec_rank.config.experiment import load_config
+from trec_rank.data.dataset import ParquetDataset
+cfg = load_config(sys.argv[1])
+seen = []
+for rank in range(2):
+    ds = ParquetDataset(sys.argv[2], cfg.schema, 256, rank=rank, world_size=2, shuffle=True, seed=7, num_workers=2)
+    seen += [int(r) for b in ds.batches(epoch=3) for r in b.row_index]
+print(json.dumps(seen))
+"""
+
+
 def test_ml100k_every_row_once_across_two_ranks_with_workers(ml100k_dir: Path) -> None:
-    cfg = load_config(ROOT / "configs" / "ml100k_base.yaml")
+    """In a fresh interpreter: DataLoader workers forked by this test process, after other tests created and
+    destroyed gloo groups in it, once deadlocked (a fork copies whatever locks those threads held)."""
     path = ml100k_dir / "ranking" / "train"
-    seen: list[int] = []
-    for rank in range(2):
-        ds = ParquetDataset(path, cfg.schema, 256, rank=rank, world_size=2, shuffle=True, seed=7, num_workers=2)
-        seen += [int(r) for b in ds.batches(epoch=3) for r in b.row_index]
+    proc = subprocess.run([sys.executable, "-c", WORKERS, str(ROOT / "configs" / "ml100k_base.yaml"), str(path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+    seen = json.loads(proc.stdout.splitlines()[-1])
     total = sum(pq.ParquetFile(f).metadata.num_rows for f in path.glob("*.parquet"))
     assert sorted(seen) == list(range(total))
 
