@@ -46,11 +46,6 @@ class Batch(Pipelineable):
     def batch_size(self) -> int:
         return int(self.dense.shape[0])
 
-    def seq_feature(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(values, lengths) of one jagged feature in `sequence`."""
-        jt = self.sequence[name]
-        return jt.values(), jt.lengths()
-
     def _map(self, fn) -> Batch:  # noqa: ANN001 - fn: tensor-like -> tensor-like
         return replace(
             self,
