@@ -79,9 +79,10 @@ class Gate(nn.Module):
 
 
 def mix(weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """weights [B, n] x experts [B, n, H] -> [B, H]. A broadcast multiply-sum, not einsum: on CPU the
+    """weights [..., n] x experts [..., n, H] -> [..., H] (leading dims broadcast: MoE mixes every gate
+    [B, gates, n] over experts [B, 1, n, H] at once). A broadcast multiply-sum, not einsum: on CPU the
     einsum runs as B tiny matmuls, about 4x slower forward + backward at these widths."""
-    return (weights.unsqueeze(-1) * experts).sum(dim=1)
+    return (weights.unsqueeze(-1) * experts).sum(dim=-2)
 
 
 class SharedBottom(nn.Module):
@@ -115,7 +116,7 @@ class MixtureOfExperts(nn.Module):
         firsts = linears_on_one_input(x, [*self.experts.first_layers(), *gate_layers])
         e = self.experts.after_first(firsts[:n])  # [B, n, H]
         g = torch.softmax(torch.stack(firsts[n:], dim=1), dim=-1)  # [B, gates, n]: each gate's softmax
-        mixed = (g.unsqueeze(-1) * e.unsqueeze(1)).sum(dim=2).unbind(1)  # mix() of every gate at once
+        mixed = mix(g, e.unsqueeze(1)).unbind(1)  # every gate's mix at once
         gates = dict(zip(self.gates, g.unbind(1), strict=True))
         if self.per_task:
             return dict(zip(self.gates, mixed, strict=True)), gates

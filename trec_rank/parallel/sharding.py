@@ -172,10 +172,9 @@ def shard(model: nn.Module, inputs: ShardingInputs, device: torch.device,
     if plan is None:
         topo = topology(inputs.sharding, world, local_world, device.type)
         plan = planner(inputs, topo, device.type).collective_plan(model, sharders(), dist.GroupMember.WORLD)
-    dmp = DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(),
-                                   env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
-                                   data_parallel_wrapper=OneRankWrapper() if world == 1 else None)
-    return dmp
+    return DistributedModelParallel(model, device=device, plan=plan, sharders=sharders(),
+                                    env=ShardingEnv.from_process_group(dist.GroupMember.WORLD),
+                                    data_parallel_wrapper=OneRankWrapper() if world == 1 else None)
 
 
 class OneRankWrapper(DataParallelWrapper):
