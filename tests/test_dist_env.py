@@ -139,7 +139,6 @@ def test_a_rank_error_lands_where_torchelastic_and_torchx_read_it(tmp_path: Path
     assert json.loads(error_file.read_text())["message"]["message"] == "data.path: no such directory"
 
 
-
 def _env(device: str, world: int) -> penv.DistEnv:
     return penv.DistEnv(rank=0, world_size=world, local_rank=0, local_world_size=world, device=torch.device(device))
 

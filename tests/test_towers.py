@@ -15,7 +15,7 @@ from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.dataset import ParquetDataset
 from trec_rank.models.embeddings import materialize
 from trec_rank.models.registry import build_model
-from trec_rank.models.towers import build_network, mix
+from trec_rank.models.towers import build_network
 
 TASKS = ["a", "b", "c"]
 
@@ -56,13 +56,14 @@ def test_mmoe_has_one_gate_per_task_over_all_experts() -> None:
 @pytest.mark.parametrize("kind", ["moe", "mmoe"])
 def test_experts_and_gates_as_one_matmul_equal_each_module_on_its_own(kind: str) -> None:
     """forward_gates runs the experts' first layers and the gates as one addmm; the same function
-    computed module by module (expert MLPs, softmax(gate(x)), mix) gives the same outputs and gradients."""
+    computed module by module (expert MLPs, softmax(gate(x)), the weighted sum of the experts) gives the
+    same outputs and gradients."""
     net = _net(kind, MoEParams(experts=3, expert_hidden=[8, 4], dropout=0.0))
     x = torch.randn(7, 6, requires_grad=True)
     out, gates = net.forward_gates(x)
     experts = net.experts(x)
     want_gates = {name: torch.softmax(gate.linear(x), -1) for name, gate in net.gates.items()}
-    want = {t: mix(want_gates[t if kind == "mmoe" else "shared"], experts) for t in TASKS}
+    want = {t: (want_gates[t if kind == "mmoe" else "shared"].unsqueeze(-1) * experts).sum(1) for t in TASKS}
     for name in want_gates:
         torch.testing.assert_close(gates[name], want_gates[name])
     params = [x, *net.parameters()]
