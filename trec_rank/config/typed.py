@@ -50,7 +50,9 @@ def _check(kind: Any, value: Any, key: str) -> Any:
                 return _check(option, value, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} matches none of {kind}")
+        if len(errors) == 1:  # X | None: the one type's message, and that null is allowed too
+            raise ConfigError(errors[0] + (" (or null)" if type(None) in options else ""))
+        raise ConfigError(f"{key}: {value!r} matches none of {kind}")
     if origin is Literal:
         if value not in get_args(kind):
             choices = ", ".join(repr(c) for c in get_args(kind))
