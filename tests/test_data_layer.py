@@ -200,6 +200,14 @@ def test_batches_are_pinned_only_for_cuda() -> None:
     assert not pin_for(torch.device("cpu")) and not pin_for(torch.device("meta"))
 
 
+def test_a_batch_moved_to_its_own_device_is_itself(data_dir, schema) -> None:  # noqa: ANN001
+    """As `Tensor.to`: no new Batch (and KJTs) per training step on CPU; another device gets a copy."""
+    batch = next(iter(ParquetDataset(data_dir, schema, 16).batches()))
+    assert batch.to(torch.device("cpu")) is batch
+    moved = batch.to(torch.device("meta"))
+    assert moved is not batch and moved.dense.is_meta and moved.sparse.values().is_meta
+
+
 def test_missing_column_corrupt_and_empty_files(tmp_path, schema, caplog) -> None:  # noqa: ANN001
     rows = make_rows(10, 0)
     del rows["x"]

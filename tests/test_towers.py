@@ -1,4 +1,5 @@
-"""Multi-task towers: gates are distributions over the right experts; every variant builds and runs."""
+"""Multi-task towers: gates are distributions over the right experts; every variant builds and runs; the
+multi-task loss and the pooled inputs every tower reads."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torchrec.sparse.jagged_tensor import KeyedTensor
 
 from tests.helpers import ROOT
 from trec_rank.config.experiment import ExperimentConfig, load_config
 from trec_rank.config.models import CGCParams, MoEParams, PLEParams, SharedBottomParams, parse_params
 from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.dataset import ParquetDataset
-from trec_rank.models.embeddings import materialize
+from trec_rank.models.embeddings import materialize, pooled_values
+from trec_rank.models.ranking import AUX_LOSS, TaskLoss
 from trec_rank.models.registry import build_model
 from trec_rank.models.towers import build_network
 
@@ -144,3 +148,33 @@ def test_towers_run_over_the_din_encoder(ml100k_dir: Path) -> None:
     out, gates = model.over.forward_gates(model.ebc(batch.sparse), model.ec(batch.sequence), batch.dense, batch)
     assert out["like"].shape == (8,) and gates["like"].shape == (8, 3)
     assert len(model.over.encoder.attention) == 1
+
+
+def test_task_loss_is_the_weighted_sum_of_each_tasks_weighted_mean_bce() -> None:
+    """The loss stacks the tasks into one BCE; the equation is per task: sum_t w_t * sum_b m_b bce_tb / sum_b m_b,
+    with padding rows (m_b = 0) adding nothing and the auxiliary term added once."""
+    torch.manual_seed(0)
+    logits = {t: torch.randn(7, requires_grad=True) for t in TASKS}
+    labels = {t: torch.randint(0, 2, (7,)).float() for t in TASKS}
+    mask = torch.tensor([1.0, 1, 0, 1, 1, 0, 1])
+    task_w = {"a": 1.0, "b": 0.25, "c": 3.0}
+    for weights in ({}, task_w):
+        loss = TaskLoss(TASKS, weights)({**logits, AUX_LOSS: torch.tensor(0.5)}, labels, mask)
+        expected = 0.5 + sum(weights.get(t, 1.0) * sum(
+            float(mask[b]) * F.binary_cross_entropy_with_logits(logits[t][b], labels[t][b]) for b in range(7))
+            / mask.sum() for t in TASKS)
+        torch.testing.assert_close(loss, expected)
+        grads = torch.autograd.grad(loss, [logits[t] for t in TASKS])
+        for t, g in zip(TASKS, grads, strict=True):  # d/dx bce = sigmoid(x) - y, scaled by w_t m_b / sum m
+            want = weights.get(t, 1.0) * mask * (torch.sigmoid(logits[t]) - labels[t]) / mask.sum()
+            torch.testing.assert_close(g, want.detach())
+
+
+def test_pooled_values_follow_the_schema_order_whatever_the_key_order() -> None:
+    """In the schema's order the EBC output is used as is (no split and concat); in another order
+    (several sharding types) its columns are reordered to the schema's, so the plan never moves them."""
+    a, b, c = torch.randn(4, 2), torch.randn(4, 3), torch.randn(4, 1)
+    same = KeyedTensor.from_tensor_list(["a", "b", "c"], [a, b, c])
+    assert pooled_values(same, ["a", "b", "c"]) is same.values()
+    other = KeyedTensor.from_tensor_list(["c", "a", "b"], [c, a, b])
+    torch.testing.assert_close(pooled_values(other, ["a", "b", "c"]), torch.cat([a, b, c], dim=1))

@@ -41,8 +41,12 @@ def pooled_dim(schema: Schema) -> int:
 def pooled_values(kt: KeyedTensor, names: list[str]) -> torch.Tensor:
     """EBC output as [B, sum D] in the schema's feature order.
 
-    Never use `kt.values()` directly: a sharded EBC orders its output keys by sharding type, so the
-    column order would change with the plan and a checkpoint would not transfer to another one."""
+    `kt.values()` itself only when its keys are already in that order (one sharding type: the usual
+    case, and then no split and concat per step): a sharded EBC orders its output keys by sharding
+    type, so with several the column order changes with the plan, and a checkpoint would not transfer
+    to another plan if the model read the columns in the plan's order."""
+    if kt.keys() == names:
+        return kt.values()
     parts = kt.to_dict()
     return torch.cat([parts[n] for n in names], dim=1)
 

@@ -160,7 +160,7 @@ class RetrievalTrainer:
                     return True
                 self.step += 1
                 self.batch_in_epoch += 1
-                window.add(loss, self.step, self.epoch, self.batch_in_epoch, torch.zeros(0))
+                window.add(loss, self.step, self.epoch, self.batch_in_epoch)
                 logs = self.step % tc.log_every == 0
                 saves = bool(tc.checkpoint_every) and self.step % tc.checkpoint_every == 0
                 if logs or saves or self._step_limit_hit():

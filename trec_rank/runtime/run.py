@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import signal
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -52,12 +53,25 @@ class Interrupted(Exception):  # noqa: N818 - a stop the user asked for, not an 
 
 
 def all_finite(loss: torch.Tensor) -> bool:
-    """Whether the loss is finite on every rank, now (one all-reduce and a host read: the plain loop's
-    per-step decision, which must come before the update)."""
-    flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
+    """Whether the (scalar) loss is finite on every rank, now: the plain loop's per-step decision, which
+    must come before the update. One host read; with 2+ ranks an all-reduce first (one rank: the read
+    alone, where a flag tensor cost four more ops a step)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.isfinite(loss.detach()).all().to(torch.float32).reshape(1)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-    return bool(flag.item() > 0)
+        return bool(flag.item() > 0)
+    return math.isfinite(loss.detach().item())
+
+
+class Rows(NamedTuple):
+    """A step's dataset rows: its batch's row_index [B] and weights [B]. The real rows (weight > 0, not
+    lockstep padding) are picked only when asked for (a NaN report, the row log), not on every step."""
+
+    row_index: torch.Tensor
+    weights: torch.Tensor
+
+    def real(self) -> torch.Tensor:
+        return self.row_index[self.weights > 0]
 
 
 class StopSignal:
@@ -82,9 +96,9 @@ class StepWindow:
 
     def __init__(self) -> None:
         self.losses: list[torch.Tensor] = []
-        self.where: list[tuple[int, int, int, torch.Tensor]] = []  # (step, epoch, batch_in_epoch, rows)
+        self.where: list[tuple[int, int, int, Rows | None]] = []  # (step, epoch, batch_in_epoch, rows)
 
-    def add(self, loss: torch.Tensor, step: int, epoch: int, batch: int, rows: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, step: int, epoch: int, batch: int, rows: Rows | None = None) -> None:
         self.losses.append(loss.detach().reshape(()))
         self.where.append((step, epoch, batch, rows))
 
@@ -101,7 +115,8 @@ class StepWindow:
         host = torch.cat([flags, losses.float().mean().reshape(1) if len(losses) else flags[:1] * 0]).tolist()
         signum, bad, mean = int(host[0]), host[1:-1], host[-1]
         if any(bad):
-            step, epoch, batch, rows = self.where[bad.index(1.0)]
+            step, epoch, batch, where = self.where[bad.index(1.0)]
+            rows = where.real() if where is not None else torch.zeros(0)
             span = f"{int(rows.min())}..{int(rows.max())}" if rows.numel() else "padding"
             raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {epoch}, batch {batch}, dataset rows {span} "
                                 f"on rank {rank}); {kept}")

@@ -11,6 +11,7 @@ import json
 import logging
 from collections import deque
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from trec_rank.runtime import faults
 from trec_rank.runtime.eval_rows import RankingRows
 from trec_rank.runtime.metrics import EvalMetrics, subset_aucs
 from trec_rank.runtime.model import build_optimizer, compile_over_arch, ranking_spec, shard_model
-from trec_rank.runtime.run import Run, StepWindow, StopSignal, Stopwatch, all_finite
+from trec_rank.runtime.run import Rows, Run, StepWindow, StopSignal, Stopwatch, all_finite
 from trec_rank.train.build import group_ids, open_split
 
 log = logging.getLogger(__name__)
@@ -72,6 +73,12 @@ def average_buffers(model: torch.nn.Module) -> None:
             buf /= world
 
 
+def _mark(name: str) -> AbstractContextManager:
+    """The plain loop's profiler ranges, named as the pipeline's (`## forward ##`, ...) so that profiles of
+    either loop split alike; a no-op unless a profiler runs (a range costs ~10 us a step, five a step)."""
+    return record_function(name) if torch._C._autograd._profiler_enabled() else nullcontext()
+
+
 def pipelined(train: TrainConfig, env: DistEnv) -> bool:
     """Whether training runs through TrainPipelineSparseDist (`train.pipeline`; null decides here).
 
@@ -93,7 +100,7 @@ class _Feed:
     `first_step` is the step the first batch will be; fault injection poisons by step."""
 
     def __init__(self, it: Iterator[Batch], first_step: int, rank: int) -> None:
-        self.in_flight: deque[torch.Tensor] = deque()
+        self.in_flight: deque[Rows] = deque()
         self.it, self.step, self.rank = it, first_step, rank
 
     def __iter__(self) -> _Feed:
@@ -104,7 +111,7 @@ class _Feed:
         if faults.poison_if(self.step, self.rank):
             batch.dense = torch.full_like(batch.dense, float("nan"))
         self.step += 1
-        self.in_flight.append(batch.row_index[batch.weights > 0])
+        self.in_flight.append(Rows(batch.row_index, batch.weights))
         return batch
 
 
@@ -190,12 +197,12 @@ class Trainer:
                     self.pipeline = None
                     return
                 yield loss
-        while True:  # the plain loop decides on every step, before the update (nan_policy); its ranges are
-            with record_function("## next_batch ##"):  # the pipeline's names, for profiles of either loop
+        while True:  # the plain loop decides on every step, before the update (nan_policy)
+            with _mark("## next_batch ##"):
                 batch = next(feed, None)
             if batch is None:
                 return
-            with record_function("## forward ##"):
+            with _mark("## forward ##"):
                 loss, _ = self.model(batch.to(self.env.device, non_blocking=True))
             if not all_finite(loss):  # all ranks decide alike
                 if self.cfg.train.nan_policy == "skip":
@@ -206,11 +213,11 @@ class Trainer:
                 self.force_sync = True  # fit() stops on it before any update is applied
                 yield torch.tensor(float("nan"))
                 continue
-            with record_function("## zero_grad ##"):
+            with _mark("## zero_grad ##"):
                 self.optimizer.zero_grad()
-            with record_function("## backward ##"):
+            with _mark("## backward ##"):
                 loss.backward()
-            with record_function("## optimizer ##"):
+            with _mark("## optimizer ##"):
                 self.optimizer.step()
             yield loss.detach()
 
@@ -239,7 +246,7 @@ class Trainer:
                     self.samples + rows_per_step
                 window.add(loss, self.step, self.epoch, self.batch_in_epoch, rows)
                 if self.row_log is not None:  # an audit mode: one host read per step is fine here
-                    entry = {"step": self.step, "loss": float(loss), "rows": rows.tolist()}
+                    entry = {"step": self.step, "loss": float(loss), "rows": rows.real().tolist()}
                     self.row_log.write(json.dumps(entry) + "\n")
                 faults.kill_if("kill", self.step, self.env.rank)
                 bar.update(1)
