@@ -23,12 +23,19 @@ kernel build (tens of seconds on 2 cores; a user's first compiled run pays that 
   median samples/s  batch / median gap between consecutive optimizer steps (step_clock.py): the
                   steady-state step, without start-up, first-step warm-up or the last partial batch.
   valid AUC       after the epoch, on the valid split (sanity: all should learn alike).
-  x fastest peer  wall (and median) samples/s over the fastest peer's at the same model and batch.
+  x fastest peer  wall samples/s over the fastest peer's at the same model and batch, paired within each
+                  repetition (every system of a repetition runs back to back, in an order rotated from one
+                  repetition to the next, so all see the same machine): the geometric mean of the
+                  per-repetition ratios with its 95% t-interval (on log ratios; needs --repeat >= 2),
+                  and the same for the median step in parentheses. The rate columns are medians over
+                  the repetitions. The machine is shared: a single run's rate moves by up to 20%.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
+import statistics
 import tempfile
 from pathlib import Path
 
@@ -68,7 +75,9 @@ def measure(model: str, batch: int, args: argparse.Namespace, tmp: Path, npz: Pa
     config, sub, _ = CASES[model]
     results = {}
     trecs = [TREC, *([TREC_L2OFF] if model == "din" else []), *([] if args.no_compile else [TREC_COMPILED])]
-    for system in (*trecs, *PEERS):
+    systems = [*trecs, *PEERS]
+    shift = rep % len(systems)  # rotate the order: no system always runs first (or right after a compile)
+    for system in systems[shift:] + systems[:shift]:
         name = tmp / f"{model}-{batch}-{system}-{rep}"
         if system in TRECS:
             sets = [*TRECS[system], f"data.path={Path(args.data).resolve() / sub}", f"data.batch_size={batch}",
@@ -95,7 +104,7 @@ def main() -> None:
     p.add_argument("--models", default="din,mmoe", help="comma-separated subset of din,mmoe")
     p.add_argument("--batches", default="256,2048", help="comma-separated batch sizes")
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every system")
-    p.add_argument("--repeat", type=int, default=1, help="runs per row; the fastest (least disturbed) is kept")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions of every row (>= 2 for an interval)")
     p.add_argument("--rows", type=int, default=0, help="only the first N rows of each split (0: all)")
     p.add_argument("--no-compile", action="store_true", help="leave out the trec-rank train.compile=true rows")
     args = p.parse_args()
@@ -106,21 +115,37 @@ def main() -> None:
             npz, vocab = export(model, Path(args.data), args.rows, tmp)
             for batch in (int(b) for b in args.batches.split(",")):
                 runs = [measure(model, batch, args, tmp, npz, vocab, rep) for rep in range(args.repeat)]
-                best = {s: max((r[s] for r in runs), key=lambda r: r["wall_rate"]) for s in runs[0]}
-                fastest_wall = max(best[s]["wall_rate"] for s in PEERS)
-                fastest_median = max(best[s]["median_rate"] for s in PEERS)
-                for system, r in best.items():
-                    rows.append((model, batch, system, r, r["wall_rate"] / fastest_wall,
-                                 r["median_rate"] / fastest_median))
+                for system in runs[0]:
+                    rows.append((model, batch, system, runs))
     print(f"\n{'model':5} {'batch':>5} {'system':20} {'rows':>7} {'wall samples/s':>14} {'median samples/s':>16} "
-          f"{'ms/step':>8} {'valid AUC':>13} {'x fastest peer':>15}")
-    for model, batch, system, r, x_wall, x_median in rows:
-        auc = "/".join(f"{v:.3f}" for v in r["auc"].values())
-        print(f"{model:5} {batch:>5} {LABELS[system]:20} {r['rows']:>7,} {r['wall_rate']:>14,.0f} "
-              f"{r['median_rate']:>16,.0f} {1000 * r['step_median_s']:>8.2f} {auc:>13} "
-              f"{x_wall:>6.2f}x ({x_median:.2f}x)")
-    print(f"{args.threads} intra-op threads per system, best of {args.repeat} run(s) by wall rate; mmoe AUC is "
-          "income/never_married; x fastest peer = wall (median step) over the fastest peer's")
+          f"{'ms/step':>8} {'valid AUC':>13}  x fastest peer, 95% CI (median step)")
+    for model, batch, system, runs in rows:
+        r = runs[0]
+        wall = statistics.median(run[system]["wall_rate"] for run in runs)
+        step = statistics.median(run[system]["median_rate"] for run in runs)
+        ms = statistics.median(run[system]["step_median_s"] for run in runs)
+        auc = "/".join(f"{v:.3f}" for v in r[system]["auc"].values())
+        x_wall = ratio([run[system]["wall_rate"] / max(run[p]["wall_rate"] for p in PEERS) for run in runs])
+        x_step = ratio([run[system]["median_rate"] / max(run[p]["median_rate"] for p in PEERS) for run in runs])
+        print(f"{model:5} {batch:>5} {LABELS[system]:20} {r[system]['rows']:>7,} {wall:>14,.0f} {step:>16,.0f} "
+              f"{1000 * ms:>8.2f} {auc:>13}  {x_wall} ({x_step.split(' ')[0]})")
+    print(f"{args.threads} intra-op threads per system, {args.repeat} repetition(s): rates are medians; x fastest "
+          "peer = geometric mean of the per-repetition ratios to the fastest peer of the same repetition, "
+          "[95% t-interval]; mmoe AUC is income/never_married (first repetition)")
+
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, 97.5% quantile, 1..20 degrees of freedom
+
+
+def ratio(values: list[float]) -> str:
+    """Geometric mean of per-repetition ratios and its 95% t-interval, on the log scale."""
+    logs = [math.log(v) for v in values]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return f"{math.exp(mean):.2f}x"
+    half = T975[min(len(logs) - 2, len(T975) - 1)] * statistics.stdev(logs) / math.sqrt(len(logs))
+    return f"{math.exp(mean):.2f}x [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}]"
 
 
 if __name__ == "__main__":
