@@ -34,11 +34,11 @@ kernel build (tens of seconds on 2 cores; a user's first compiled run pays that 
 from __future__ import annotations
 
 import argparse
-import math
 import statistics
 import tempfile
 from pathlib import Path
 
+from intervals import ratio
 from peer_runs import (
     LABELS,
     PEERS,
@@ -132,20 +132,6 @@ def main() -> None:
     print(f"{args.threads} intra-op threads per system, {args.repeat} repetition(s): rates are medians; x fastest "
           "peer = geometric mean of the per-repetition ratios to the fastest peer of the same repetition, "
           "[95% t-interval]; mmoe AUC is income/never_married (first repetition)")
-
-
-T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
-        2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, 97.5% quantile, 1..20 degrees of freedom
-
-
-def ratio(values: list[float]) -> str:
-    """Geometric mean of per-repetition ratios and its 95% t-interval, on the log scale."""
-    logs = [math.log(v) for v in values]
-    mean = statistics.fmean(logs)
-    if len(logs) < 2:
-        return f"{math.exp(mean):.2f}x"
-    half = T975[min(len(logs) - 2, len(T975) - 1)] * statistics.stdev(logs) / math.sqrt(len(logs))
-    return f"{math.exp(mean):.2f}x [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}]"
 
 
 if __name__ == "__main__":

@@ -30,10 +30,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from intervals import ratio
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER = {"din": 6_600.0, "din-l2off": 6_600.0, "mmoe": 53_000.0}  # fastest peer at batch 256 (issue 4)
@@ -102,6 +105,7 @@ def main() -> None:
         if args.baseline:
             export_revision(args.baseline, before)
         rates: dict[tuple, tuple[list[float], list[float]]] = {case: ([], []) for case in cases}
+        floors: list[dict[str, float]] = []  # the eager floor, once per repetition (paired with its rows)
         for rep in range(args.repeat):
             for case in cases:
                 model, batch, nproc, steps = case
@@ -111,29 +115,41 @@ def main() -> None:
                                               before, args.threads)["samples_per_s"])
                 rates[case][0].append(run(model, data, nproc, batch, steps, Path(tmp) / name, ROOT,
                                           args.threads)["samples_per_s"])
+            floors.append(eager_floor(args.threads))
         for (model, batch, nproc, steps), (new, old) in rates.items():
             rows.append((model, batch, nproc, steps, max(new), old and max(old)))
     print(f"{'model':9} {'emb':>4} {'batch':>6} {'procs':>5} {'steps':>5} {'samples/s':>10} {'ms/step':>8} "
           f"{'before':>9} {'speed-up':>8} {'vs peer':>8} {'target':>9}")
     for model, batch, nproc, steps, rate, old in rows:
-        ratio = f"{rate / PEER[model]:.2f}x" if model in PEER and batch == 256 else "-"
+        vs_peer = f"{rate / PEER[model]:.2f}x" if model in PEER and batch == 256 else "-"
         target = f"{TARGET_X * PEER[model]:,.0f}" if model in PEER else "-"
         ms = 1000 * batch * nproc / rate if rate else float("nan")
         was, gain = (f"{old:,.0f}", f"{rate / old:.2f}x") if old else ("-", "-")
         print(f"{model:9} {MODELS[model][3]:>4} {batch:>6} {nproc:>5} {steps:>5} {rate:>10,.0f} {ms:>8.2f} "
-              f"{was:>9} {gain:>8} {ratio:>8} {target:>9}")
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "PYTHONPATH": str(ROOT)}
-    floor = json.loads(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eager_floor.py"), "--json"],
-                                      env=env, check=True, capture_output=True, text=True).stdout)
-    for model, rate in floor.items():
+              f"{was:>9} {gain:>8} {vs_peer:>8} {target:>9}")
+    for model in floors[0]:
+        rate = statistics.median(f[model] for f in floors)
         print(f"{model + '*':9} {MODELS[model][3]:>4} {256:>6} {1:>5} {'-':>5} {rate:>10,.0f} {256000 / rate:>8.2f} "
               f"{'-':>9} {'-':>8} {rate / PEER[model]:>7.2f}x {TARGET_X * PEER[model]:>9,.0f}")
     print("* eager floor (benchmarks/eager_floor.py): the model's dense step alone in plain PyTorch on in-memory "
-          "synthetic batches, no TorchRec, no loader; measured in this run")
+          "synthetic batches, no TorchRec, no loader; measured once per repetition, right after its rows")
+    for (model, batch, nproc, _), (new, _) in rates.items():
+        floor_model = "din" if model.startswith("din") else model
+        if batch == 256 and nproc == 1 and floor_model in floors[0]:
+            share = ratio([r / f[floor_model] for r, f in zip(new, floors, strict=True)])
+            print(f"{model} trainer / eager floor, paired by repetition: {share}")
     if args.baseline:
         print(f"before = the same rows on git revision {args.baseline}, run alternately with the new code")
     print(f"best of {args.repeat} run(s) per row, {args.steps} steps each (the machine is shared: the fastest "
-          "run is the least disturbed one)")
+          "run is the least disturbed one); the floor rows are medians, the floor shares geometric means of the "
+          "per-repetition ratios with a 95% t-interval")
+
+
+def eager_floor(threads: int) -> dict[str, float]:
+    """{model: samples/s} of benchmarks/eager_floor.py's eager step, in its own process."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(ROOT)}
+    return json.loads(subprocess.run([sys.executable, str(ROOT / "benchmarks" / "eager_floor.py"), "--json"],
+                                     env=env, check=True, capture_output=True, text=True).stdout)
 
 
 if __name__ == "__main__":

@@ -61,3 +61,15 @@ def test_torchrec_auc_logloss_and_gauc_agree_with_exact_values() -> None:
     assert out["t/gauc"] == pytest.approx(gauc(groups[keep].numpy(), p, labels[keep].numpy()))
     assert out["t/ctr"] == pytest.approx(float(labels[keep].mean()), abs=1e-6)
     assert out["t/calibration"] == pytest.approx(float(p.sum() / labels[keep].sum()), rel=1e-5)
+
+
+def test_speed_ratio_interval_is_the_t_interval_of_the_log_ratios() -> None:
+    """benchmarks/intervals.py: the geometric mean of per-repetition ratios, 95% Student-t on their logs."""
+    from benchmarks.intervals import ratio
+
+    assert ratio([2.0, 2.0, 2.0]) == "2.00x [2.00, 2.00]"
+    assert ratio([1.5]) == "1.50x"  # one repetition: no interval
+    logs = np.log([1.2, 1.5, 1.8])
+    half = 4.303 * logs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2 degrees of freedom)
+    lo, mid, hi = np.exp(logs.mean() - half), np.exp(logs.mean()), np.exp(logs.mean() + half)
+    assert ratio([1.2, 1.5, 1.8]) == f"{mid:.2f}x [{lo:.2f}, {hi:.2f}]"

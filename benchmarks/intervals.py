@@ -1,0 +1,25 @@
+"""Ratios of speeds measured in repetitions, stated with their 95% interval.
+
+The machine is shared and its speed drifts by tens of percent within minutes, so a ratio of two
+single measurements says little. Every benchmark that claims "x times" runs both sides back to back
+in each repetition (the same machine state) and reports the geometric mean of the per-repetition
+ratios with a Student-t interval on their logarithms.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
+        2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, 97.5% quantile, 1..20 degrees of freedom
+
+
+def ratio(values: list[float]) -> str:
+    """Geometric mean of per-repetition ratios and its 95% t-interval, on the log scale."""
+    logs = [math.log(v) for v in values]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return f"{math.exp(mean):.2f}x"
+    half = T975[min(len(logs) - 2, len(T975) - 1)] * statistics.stdev(logs) / math.sqrt(len(logs))
+    return f"{math.exp(mean):.2f}x [{math.exp(mean - half):.2f}, {math.exp(mean + half):.2f}]"
