@@ -6,7 +6,9 @@ The whole-trainer A/B (train_cpu_ab.py) cannot resolve a few ms on a shared mach
 times only `MiniBatchL2` at the benchmark DIN's shapes (benchmarks/configs/din.yaml, batch 256,
 lambda 0.01): real ml-100k batches, their EmbeddingBagCollection / EmbeddingCollection outputs
 computed once, then the penalty and its backward into the looked-up rows, for the regulariser
-of this checkout and of revision REV in turn. Both must give the same loss.
+of this checkout and of revision REV in turn. Both must give the same loss. REV's regularizer reads this
+checkout's `Batch`, so REV must be 43b558e (2026-12-06) or later: older ones read `Batch.seq_feature`,
+which that commit removed.
 """
 
 from __future__ import annotations
@@ -38,6 +40,16 @@ def revision_module(code: Path):  # noqa: ANN201
     sys.modules["l2_baseline"] = module  # dataclasses look their module up while the class is built
     spec.loader.exec_module(module)
     return module
+
+
+def with_counts(module, schema, weight: float, counts: dict) -> torch.nn.Module:  # noqa: ANN001
+    """`module`'s MiniBatchL2 holding the training id counts, the way its revision takes them: the
+    `counts` property (set before any step) since 2026-12-06, a callback argument before."""
+    if isinstance(getattr(module.MiniBatchL2, "counts", None), property):
+        l2 = module.MiniBatchL2(schema, module.L2Params(weight=weight))
+        l2.counts = counts
+        return l2
+    return module.MiniBatchL2(schema, module.L2Params(weight=weight), lambda _: counts)
 
 
 def time_l2(l2: torch.nn.Module, inputs: list, reps: int = 3) -> tuple[float, float]:
@@ -84,11 +96,12 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         export_revision(args.baseline, Path(tmp))
         old = revision_module(Path(tmp))
-        old_l2 = old.MiniBatchL2(cfg.schema, old.L2Params(weight=params.weight), lambda _: counts)
-        (t_old, loss_old) = time_l2(old_l2, inputs)
-    new = regularizer.MiniBatchL2(cfg.schema, params)
-    new.counts = counts
-    t_new, loss_new = time_l2(new, inputs)
+        try:
+            (t_old, loss_old) = time_l2(with_counts(old, cfg.schema, params.weight, counts), inputs)
+        except AttributeError as err:
+            sys.exit(f"error: {args.baseline}'s MiniBatchL2 does not read this checkout's Batch ({err}); "
+                     "compare with 43b558e or later")
+    t_new, loss_new = time_l2(with_counts(regularizer, cfg.schema, params.weight, counts), inputs)
     print(f"{'code':12} {'ms/batch':>9} {'loss[0]':>12}")
     print(f"{args.baseline[:12]:12} {1000 * t_old:>9.2f} {loss_old:>12.8f}")
     print(f"{'this':12} {1000 * t_new:>9.2f} {loss_new:>12.8f}")
