@@ -3,7 +3,9 @@
 The machine is shared and its speed drifts by tens of percent within minutes, so a ratio of two
 single measurements says little. Every benchmark that claims "x times" runs both sides back to back
 in each repetition (the same machine state) and reports the geometric mean of the per-repetition
-ratios with a Student-t interval on their logarithms.
+ratios with a Student-t interval on their logarithms. The interval covers the drift within a run;
+runs minutes apart can still disagree by more (measured: 1.66x [1.38, 2.01] and 2.21x [2.14, 2.28] for the
+same MMoE row), so a claim rests on the largest run and names the others.
 """
 
 from __future__ import annotations
