@@ -77,12 +77,12 @@ def test_exponent_floats_without_a_dot_are_numbers(tmp_path: Path) -> None:
         load_config(BASE, ["train.optim.dense_lr=fast"])
 
 
-
 def test_an_optional_key_says_null_is_allowed_too() -> None:
     message = r"ml100k_base.yaml: train.pipeline: expected true/false, got 'maybe' \(or null\)$"
     with pytest.raises(ConfigError, match=message):
         load_config(BASE, ["train.pipeline=maybe"])
     assert load_config(BASE, ["train.pipeline=null"]).train.pipeline is None
+
 
 # ---- schema files ----------------------------------------------------------------------------------
 SCHEMA = {"tables": [{"name": "item", "num_embeddings": 10, "embedding_dim": 4},

@@ -61,7 +61,8 @@ class Batch(Pipelineable):
     def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
         """The batch on `device`; itself when already there, as `Tensor.to` (the loader builds every
         tensor of a batch on one device, so the dense tensor and the KJTs tell where all of it is)."""
-        if all(d == torch.device(device) for d in (self.dense.device, self.sparse.device(), self.sequence.device())):
+        target = torch.device(device)
+        if all(d == target for d in (self.dense.device, self.sparse.device(), self.sequence.device())):
             return self
         return self._map(lambda t: t.to(device=device, non_blocking=non_blocking))
 

@@ -47,11 +47,12 @@ class TaskLoss(nn.Module):
         assert tasks, "the loss needs at least one task"
         self.tasks = tasks
         self.task_weights = {t: float(loss_weights.get(t, 1.0)) for t in tasks}
+        self._unit = all(w == 1.0 for w in self.task_weights.values())  # rows weigh alike in every task
         self._scale: dict[torch.device, torch.Tensor] = {}  # device -> [T, 1] task weights; not state
 
     def _row_weights(self, weights: torch.Tensor) -> torch.Tensor:
         """[B] row weights -> [T, B] (or [B], broadcast, when every task weighs 1)."""
-        if all(w == 1.0 for w in self.task_weights.values()):
+        if self._unit:
             return weights
         if weights.device not in self._scale:
             self._scale[weights.device] = torch.tensor([[self.task_weights[t]] for t in self.tasks],
