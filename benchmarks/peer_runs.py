@@ -9,8 +9,6 @@ allocator state carry over into another's measurement, and each one's peak RSS i
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
+from trec_cli import run, train
 
 ROOT = Path(__file__).resolve().parents[1]
 PEERS_PY = ROOT / ".venv-peers" / "bin" / "python"
@@ -85,12 +84,7 @@ def write_npz(dest: Path, splits: dict[str, dict[str, np.ndarray]]) -> Path:
 def run_trec(config: Path, sets: list[str], run_dir: Path, threads: int) -> dict:
     """trec-rank's CLI `train` in one process under the step clock: its throughput.json, clock, metrics."""
     clock = run_dir.with_suffix(".clock.json")
-    cmd = [sys.executable, str(HERE / "step_clock.py"), str(clock), "--", "train", str(config),
-           "--run-dir", str(run_dir)]
-    for s in sets:
-        cmd += ["--set", s]
-    _run(cmd, threads, "trec-rank")
-    speed = json.loads((run_dir / "throughput.json").read_text())
+    speed = train(config, sets, run_dir, threads=threads, clock=clock)
     metrics = json.loads((run_dir / "metrics.json").read_text()).get("valid", {})
     auc = {k.split("/")[0]: v for k, v in metrics.items() if k.endswith("/auc") and not k.startswith("cvr")}
     return {"rows": round(speed["samples_per_s"] * speed["train_seconds"]),
@@ -103,13 +97,6 @@ def run_peer(spec: dict, out: Path, threads: int) -> dict:
         sys.exit(f"error: {PEERS_PY.relative_to(ROOT)} missing: run scripts/peers_venv.sh first")
     spec_path = out.with_suffix(".spec.json")
     spec_path.write_text(json.dumps({**spec, "threads": threads}))
-    _run([str(PEERS_PY), str(HERE / "peer_models.py"), str(spec_path), str(out)], threads, spec["library"])
+    run([str(PEERS_PY), str(HERE / "peer_models.py"), str(spec_path), str(out)], threads=threads,
+        what=spec["library"])
     return json.loads(out.read_text())
-
-
-def _run(cmd: list[str], threads: int, what: str) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
-           "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=7200)
-    if proc.returncode:
-        sys.exit(f"error: {what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")

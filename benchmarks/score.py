@@ -1,7 +1,8 @@
 """Batch scoring throughput vs training throughput of the same model, 1 and 2 processes, with memory.
 
     .venv/bin/python benchmarks/score.py [--data data/ml-100k] [--rows 1000000] [--models base,din]
-                                         [--procs 1,2] [--variants unsharded,sharded,int8] [--work DIR]
+                                         [--procs 1,2] [--variants unsharded,sharded,int8] [--repeat 3]
+                                         [--work DIR]
 
 For each model (base, and DIN when configs/ml100k_din.yaml exists): trains it through the real CLI
 for --train-steps steps on 1 and on 2 processes (rows/s between the trainer's first and last
@@ -19,36 +20,20 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import re
-import subprocess
-import sys
+import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from intervals import ratio
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from trec_cli import run_cli, set_args
 
 from trec_rank.config.experiment import load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 SUMMARY = re.compile(r"score: rows_in=(\d+) rows_out=(\d+) scored=(\d+) seconds=([\d.]+) rows_per_s=(\d+)")
-
-
-def cli(args: list[str], nproc: int) -> tuple[str, float]:
-    """Run `trec-rank ARGS` (under torchrun when nproc > 1); returns stdout and wall seconds."""
-    cmd = [sys.executable, "-m", "trec_rank.cli", *args]
-    if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "trec_rank.cli", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
-    wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
-    return proc.stdout, wall
 
 
 def replicate(split: Path, rows: int, out: Path) -> int:
@@ -65,14 +50,14 @@ def replicate(split: Path, rows: int, out: Path) -> int:
     return copies * per_copy
 
 
-def train_rate(config: str, data: Path, work: Path, nproc: int, steps: int) -> tuple[float, Path]:
+def train_rate(config: str, data: Path, work: Path, nproc: int, steps: int, rep: int) -> tuple[float, Path]:
     """Steady-state training rows/s of one `steps`-step run, from the wall times of the trainer's own
     TensorBoard points (every steps/4 steps): start-up, the final eval and the checkpoint are excluded."""
     batch = load_config(ROOT / config).data.batch_size
-    run = work / f"train-{Path(config).stem}-{nproc}p"
+    run = work / f"train-{Path(config).stem}-{nproc}p-r{rep}"
     sets = [f"data.path={data}/ranking", f"train.max_steps={steps}", "train.epochs=100",
             f"train.log_every={steps // 4}", "train.eval_every=1000000", "train.checkpoint_every=1000000"]
-    cli(["train", config, "--run-dir", str(run), *[a for s in sets for a in ("--set", s)]], nproc)
+    run_cli(["train", config, "--run-dir", str(run), *set_args(sets)], nproc=nproc)
     acc = EventAccumulator(str(run / "tb"))
     acc.Reload()
     points = acc.Scalars("train/samples_per_s")
@@ -82,8 +67,8 @@ def train_rate(config: str, data: Path, work: Path, nproc: int, steps: int) -> t
 
 def score_rate(config: str, ckpt: Path, data: Path, out: Path, nproc: int, variant: str) -> dict:
     extra = {"unsharded": [], "sharded": ["--sharded"], "int8": ["--quantize", "int8"]}[variant]
-    stdout, wall = cli(["score", config, "--checkpoint", str(ckpt), "--input", str(data), "--output", str(out),
-                        *extra], nproc)
+    stdout, wall = run_cli(["score", config, "--checkpoint", str(ckpt), "--input", str(data), "--output", str(out),
+                            *extra], nproc=nproc)
     m = SUMMARY.search(stdout)
     if not m:
         raise SystemExit(f"no summary line in:\n{stdout[-2000:]}")
@@ -102,6 +87,7 @@ def main() -> None:
     ap.add_argument("--procs", default="1,2")
     ap.add_argument("--variants", default="unsharded", help="unsharded,sharded,int8 (sharded needs >= 2 procs)")
     ap.add_argument("--train-steps", type=int, default=200, help="training steps per measurement run")
+    ap.add_argument("--repeat", type=int, default=3, help="repetitions (a training run, then its scoring)")
     ap.add_argument("--work", help="working directory (default: a temporary one)")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="score-bench-"))
@@ -115,22 +101,29 @@ def main() -> None:
             print(f"{config}: not found, skipped")
             continue
         for nproc in (int(p) for p in args.procs.split(",")):
-            train, run = train_rate(config, data, work, nproc, args.train_steps)
-            for variant in args.variants.split(","):
-                if variant == "sharded" and nproc < 2:
-                    continue
-                out = work / f"scores-{model}-{nproc}p-{variant}"
-                r = score_rate(config, run, work / "input", out, nproc, variant)
-                table.append((model, nproc, variant, train, r))
-                print(f"{model} {nproc}p {variant}: train {train:,.0f} rows/s, score {r['rate']:,.0f} rows/s",
-                      flush=True)
+            variants = [v for v in args.variants.split(",") if v != "sharded" or nproc >= 2]
+            trains, scores = [], {v: [] for v in variants}
+            for rep in range(args.repeat):  # training, then scoring its checkpoint: the same machine state
+                train, run = train_rate(config, data, work, nproc, args.train_steps, rep)
+                trains.append(train)
+                for variant in variants:
+                    out = work / f"scores-{model}-{nproc}p-{variant}-r{rep}"
+                    scores[variant].append(score_rate(config, run, work / "input", out, nproc, variant))
+                    print(f"{model} {nproc}p {variant} rep {rep}: train {train:,.0f} rows/s, score "
+                          f"{scores[variant][-1]['rate']:,.0f} rows/s", flush=True)
+            table += [(model, nproc, v, trains, scores[v]) for v in variants]
     head = (f"{'model':<6} {'procs':>5} {'variant':<9} {'rows':>9} {'train rows/s':>12} {'score rows/s':>12} "
-            f"{'ratio':>6} {'e2e rows/s':>10} {'RSS MB start/mid/end (rank 0)':>30}")
+            f"{'score / train, 95% CI':>22} {'e2e rows/s':>10} {'RSS MB start/mid/end (rank 0)':>30}")
     print("\n" + head + "\n" + "-" * len(head))
-    for model, nproc, variant, train, r in table:
-        rss = "/".join(f"{r['rss'][k]:.0f}" for k in ("start", "middle", "end"))
-        print(f"{model:<6} {nproc:>5} {variant:<9} {r['rows']:>9,} {train:>12,.0f} {r['rate']:>12,.0f} "
-              f"{r['rate'] / train:>5.1f}x {r['e2e']:>10,.0f} {rss:>30}")
+    for model, nproc, variant, trains, rs in table:
+        last = rs[-1]
+        rss = "/".join(f"{last['rss'][k]:.0f}" for k in ("start", "middle", "end"))
+        gain = ratio([r["rate"] / t for r, t in zip(rs, trains, strict=True)])
+        print(f"{model:<6} {nproc:>5} {variant:<9} {last['rows']:>9,} {statistics.median(trains):>12,.0f} "
+              f"{statistics.median(r['rate'] for r in rs):>12,.0f} {gain:>22} "
+              f"{statistics.median(r['e2e'] for r in rs):>10,.0f} {rss:>30}")
+    print(f"{args.repeat} repetition(s): rates are medians; score / train is the geometric mean of the "
+          "per-repetition ratios with its 95% t-interval; RSS from the last repetition")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,11 @@
         [--base-sizes]    # also the base model at batch 4096 and on 2 processes (the earlier table)
         [--threads N]     # intra-op threads per process (OMP_NUM_THREADS; default 1)
 
-Every row runs the real CLI (`trec-rank train` under torch.distributed.run: DMP + planner,
-fused row-wise Adagrad tables, Adam dense optimizer, TrainPipelineSparseDist, Parquet loader,
-gloo on CPU) with evaluation and checkpoints pushed out of the measured window, and reads
-RUN_DIR/throughput.json (samples/s over the training steps only). Shapes follow issue 4:
+Every row runs the real CLI in its own process (`trec-rank train`, under torch.distributed.run for
+2 processes; benchmarks/trec_cli.py: DMP + planner, fused row-wise Adagrad tables, Adam dense
+optimizer, the trainer's loop, Parquet loader, gloo on CPU) with evaluation and checkpoints pushed
+out of the measured window, and reads RUN_DIR/throughput.json (samples/s over the training steps
+only). Shapes follow issue 4:
 
   base: configs/ml100k_base.yaml, every table dim 16, history 50.
   din:  benchmarks/configs/din.yaml (ml100k_din-style: Dice, mini-batch-aware L2), every
@@ -37,6 +38,7 @@ import tempfile
 from pathlib import Path
 
 from intervals import ratio
+from trec_cli import train
 
 ROOT = Path(__file__).resolve().parents[1]
 PEER = {"din": 6_600.0, "din-l2off": 6_600.0, "mmoe": 53_000.0}  # fastest peer at batch 256 (issue 4)
@@ -68,15 +70,7 @@ def run(model: str, data: Path, nproc: int, batch: int, steps: int, run_dir: Pat
     sets = [*sets, f"data.path={data / subdir}", f"data.batch_size={batch}", f"train.max_steps={steps}",
             "data.eval_splits=[]", "train.checkpoint_every=1000000", "train.epochs=1000",
             "train.log_every=1000000"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           "-m", "trec_rank.cli", "train", str(ROOT / config), "--run-dir", str(run_dir)]
-    for s in sets:
-        cmd += ["--set", s]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(code)}
-    proc = subprocess.run(cmd, cwd=code, env=env, capture_output=True, text=True, timeout=1800)
-    if proc.returncode:
-        sys.exit(f"{model} failed:\n{proc.stderr[-3000:]}")
-    return json.loads((run_dir / "throughput.json").read_text())
+    return train(ROOT / config, sets, run_dir, threads=threads, nproc=nproc, code=code)
 
 
 def main() -> None:
@@ -139,6 +133,9 @@ def main() -> None:
             share = ratio([r / f[floor_model] for r, f in zip(new, floors, strict=True)])
             print(f"{model} trainer / eager floor, paired by repetition: {share}")
     if args.baseline:
+        for (model, batch, nproc, _), (new, old) in rates.items():
+            gains = [n / o for n, o in zip(new, old, strict=True)]
+            print(f"{model} b{batch} p{nproc} speed-up over {args.baseline}, paired by repetition: {ratio(gains)}")
         print(f"before = the same rows on git revision {args.baseline}, run alternately with the new code")
     print(f"best of {args.repeat} run(s) per row, {args.steps} steps each (the machine is shared: the fastest "
           "run is the least disturbed one); the floor rows are medians, the floor shares geometric means of the "

@@ -2,7 +2,7 @@
 
     bash scripts/peers_venv.sh        # once: .venv-peers with the peer libraries
     .venv/bin/python benchmarks/vocab_sweep.py [--sizes 1e4,1e5,1e6,1e7] [--steps 20] [--batch 256]
-        [--threads 2] [--systems trec-rank,trec-rank-l2off,deepctr,rechub]
+        [--threads 2] [--systems trec-rank,trec-rank-l2off,deepctr,rechub] [--repeat 3]
 
 The DIN of benchmarks/peers.py (benchmarks/configs/din_peers.yaml: embeddings 16, Dice unit [64, 32],
 MLP [200, 80], history 50) on synthetic rows whose item table has SIZE rows. Item ids (targets and
@@ -27,12 +27,14 @@ step over trec-rank's. A fixed, small step count per size keeps 1e7 bounded: a d
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+from intervals import ratio
 from peer_runs import LABELS, MAX_LEN, ROOT, TREC, TRECS, peer_columns, run_peer, run_trec, schema_of, write_npz
 
 CONFIG = ROOT / "benchmarks" / "configs" / "din_peers.yaml"
@@ -64,9 +66,9 @@ def synthetic(size: int, rows: int, tables: dict[str, int], seed: int = 0) -> pa
     return pa.table(cols)
 
 
-def measure(system: str, size: int, args: argparse.Namespace, tmp: Path, data: Path, npz: Path,
+def measure(system: str, size: int, rep: int, args: argparse.Namespace, tmp: Path, data: Path, npz: Path,
             vocab: dict[str, int]) -> dict:
-    name = tmp / f"{size}-{system}"
+    name = tmp / f"{size}-{system}-r{rep}"
     if system in TRECS:
         item = list(schema_of(CONFIG)[0]).index("item")
         sets = [f"data.path={data}", f"data.batch_size={args.batch}", f"schema.tables.{item}.num_embeddings={size}",
@@ -85,38 +87,59 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--threads", type=int, default=2, help="intra-op threads of every system")
     p.add_argument("--systems", default="trec-rank,trec-rank-l2off,deepctr,rechub")
+    p.add_argument("--repeat", type=int, default=3, help="repetitions of the whole sweep (ratios get an interval)")
     args = p.parse_args()
     systems = args.systems.split(",")
     tables, feature_table, kinds = schema_of(CONFIG)
-    results: dict[tuple[int, str], dict] = {}
+    results: dict[tuple[int, str], list[dict]] = {}
     sizes = [int(float(s)) for s in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        for size in sizes:
+        inputs = {}
+        for size in sizes:  # a few thousand rows each: every size's data stays for all repetitions
             rows = synthetic(size, args.steps * args.batch, tables)
             data = tmp / f"items-{size}"
             (data / "train").mkdir(parents=True)
             pq.write_table(rows, data / "train" / "part-00000.parquet")
-            npz = write_npz(tmp / f"items-{size}.npz", {"train": peer_columns(rows, kinds, {}),
-                                                         "valid": {}})
+            npz = write_npz(tmp / f"items-{size}.npz", {"train": peer_columns(rows, kinds, {}), "valid": {}})
             vocab = {f: (size if t == "item" else tables[t]) for f, t in feature_table.items() if kinds[f] == "sparse"}
-            for system in systems:
-                results[size, system] = measure(system, size, args, tmp, data, npz, vocab)
-                print(f"{size:>10,} {system:16} {1000 * results[size, system]['step_median_s']:9.2f} ms/step",
-                      flush=True)
-            (data / "train" / "part-00000.parquet").unlink()
-            npz.unlink()
+            inputs[size] = (data, npz, vocab)
+        for rep in range(args.repeat):
+            shift = rep % len(systems)  # rotate the order: no system always runs first
+            for size in sizes:
+                for system in systems[shift:] + systems[:shift]:
+                    r = measure(system, size, rep, args, tmp, *inputs[size])
+                    results.setdefault((size, system), []).append(r)
+                    print(f"rep {rep} {size:>10,} {system:16} {1000 * r['step_median_s']:9.2f} ms/step", flush=True)
+    report(results, sizes, systems, args)
+
+
+def report(results: dict[tuple[int, str], list[dict]], sizes: list[int], systems: list[str],
+           args: argparse.Namespace) -> None:
+    """Medians per (size, system); growth, the ratio to trec-rank and trec-rank over the fastest peer as
+    geometric means of per-repetition ratios with their 95% intervals (benchmarks/intervals.py)."""
     base = TREC if TREC in systems else systems[0]
-    print(f"\n{'item rows':>10} {'system':20} {'ms/step':>9} {'peak RSS GiB':>12} {'growth':>8} "
-          f"{f'/ {base}':>14}")
-    for (size, system), r in results.items():
-        ms = 1000 * r["step_median_s"]
-        growth = r["step_median_s"] / results[sizes[0], system]["step_median_s"]
-        over = r["step_median_s"] / results[size, base]["step_median_s"]
-        print(f"{size:>10,} {LABELS.get(system, system):20} {ms:>9.2f} {r['peak_rss_bytes'] / 2**30:>12.2f} "
-              f"{growth:>7.2f}x {over:>13.2f}x")
-    print(f"batch {args.batch}, {args.steps} steps per system and size, {args.threads} intra-op threads; ms/step is "
-          f"the median gap between optimizer steps; growth = the step over its own at {sizes[0]:,} rows; "
+    peers = [s for s in systems if s not in TRECS]
+
+    def steps(size: int, system: str) -> list[float]:
+        return [r["step_median_s"] for r in results[size, system]]
+
+    print(f"\n{'item rows':>10} {'system':20} {'ms/step':>9} {'peak RSS GiB':>12} {'growth, 95% CI':>22} "
+          f"{f'/ {base}, 95% CI':>24}")
+    for (size, system), rs in results.items():
+        ms = 1000 * statistics.median(steps(size, system))
+        rss = statistics.median(r["peak_rss_bytes"] for r in rs) / 2**30
+        growth = ratio([a / b for a, b in zip(steps(size, system), steps(sizes[0], system), strict=True)])
+        over = ratio([a / b for a, b in zip(steps(size, system), steps(size, base), strict=True)])
+        print(f"{size:>10,} {LABELS.get(system, system):20} {ms:>9.2f} {rss:>12.2f} {growth:>22} {over:>24}")
+    if peers and base in systems:
+        for size in sizes:
+            fastest = [min(col) for col in zip(*(steps(size, s) for s in peers), strict=True)]
+            x = ratio([f / t for f, t in zip(fastest, steps(size, base), strict=True)])
+            print(f"{size:>10,} rows: {base} x the fastest peer (per repetition) {x}")
+    print(f"batch {args.batch}, {args.steps} steps per system and size, {args.threads} intra-op threads, "
+          f"{args.repeat} repetition(s); ms/step is the median over repetitions of each run's median gap between "
+          f"optimizer steps; growth = the step over its own at {sizes[0]:,} rows in the same repetition; "
           f"/ {base} = step time over {base}'s at the same size (the speed-up of {base})")
 
 

@@ -74,6 +74,29 @@ def test_dice_uses_batch_stats_in_train_and_running_stats_in_eval() -> None:
     torch.testing.assert_close(dice(y[:1]), out_eval[:1])
 
 
+def test_dice_eval_without_autograd_is_the_same_function_and_leaves_its_input_alone() -> None:
+    """Scoring and eval run Dice under no_grad, where it works in one buffer (in place): same values as
+    the autograd path and the equation, the input untouched, and a gradient still where autograd asks."""
+    torch.manual_seed(0)
+    dice = Dice(4).eval()
+    with torch.no_grad():
+        dice.alpha.copy_(torch.tensor([0.1, -0.2, 0.5, 1.0]))
+        dice.running_mean.copy_(torch.tensor([0.5, -1.0, 0.0, 2.0]))
+        dice.running_var.copy_(torch.tensor([0.25, 4.0, 1.0, 0.5]))
+    x = torch.randn(3, 7, 4)
+    x_before = x.clone()
+    expected = _dice_manual(x, dice.running_mean, dice.running_var, dice.alpha.detach())
+    with torch.no_grad():
+        fast = dice(x)
+    torch.testing.assert_close(fast, expected)
+    assert torch.equal(x, x_before)
+    xg = x.clone().requires_grad_()
+    slow = dice(xg)
+    torch.testing.assert_close(slow, expected)
+    slow.sum().backward()
+    assert xg.grad is not None and torch.isfinite(xg.grad).all()
+
+
 def test_dice_statistics_pool_all_leading_dims_and_survive_empty_batches() -> None:
     dice = Dice(2).train()
     x = torch.randn(4, 5, 2)
