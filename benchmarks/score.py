@@ -12,6 +12,8 @@ through `trec-rank score`. Scoring rows/s is the scoring phase from the summary 
 data opened); the end-to-end column includes interpreter start, data validation and model load.
 RSS is rank 0's resident memory at the start, middle and end of the scoring loop (_SUCCESS
 manifest): flat from middle to end means memory does not grow with the rows scored.
+Each (training run, scoring of its checkpoint) pair repeats --repeat times; score / train is the geometric
+mean of the per-repetition ratios with its 95% interval (benchmarks/intervals.py).
 Target: scoring >= 2x training rows/s at the same process count.
 """
 

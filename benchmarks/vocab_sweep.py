@@ -19,8 +19,10 @@ system trains the same `steps x batch` rows, each in its own process:
                    every table each step (dense Adam; DeepCTR also adds its L2 over whole tables,
                    torch-rechub Adam's weight decay).
 Reported per size: median step (step_clock.py: the gap between consecutive optimizer steps),
-peak RSS (VmHWM at the last step), the step's growth over the smallest size, and each system's
-step over trec-rank's. A fixed, small step count per size keeps 1e7 bounded: a dense Adam step over a
+peak RSS (VmHWM at the last step), the step's growth over the smallest size, each system's step over
+trec-rank's, and trec-rank over the fastest peer. Every size and system runs once per repetition
+(--repeat, systems in a rotated order); the ratios pair runs of one repetition and come with their
+95% interval (benchmarks/intervals.py). A fixed, small step count per size keeps 1e7 bounded: a dense Adam step over a
 1e7 x 16 table moves about 2.5 GB, and the peers hold the table, its gradient and 2 Adam moments.
 """
 
@@ -132,7 +134,7 @@ def report(results: dict[tuple[int, str], list[dict]], sizes: list[int], systems
         growth = ratio([a / b for a, b in zip(steps(size, system), steps(sizes[0], system), strict=True)])
         over = ratio([a / b for a, b in zip(steps(size, system), steps(size, base), strict=True)])
         print(f"{size:>10,} {LABELS.get(system, system):20} {ms:>9.2f} {rss:>12.2f} {growth:>22} {over:>24}")
-    if peers and base in systems:
+    if peers and TREC in systems:
         for size in sizes:
             fastest = [min(col) for col in zip(*(steps(size, s) for s in peers), strict=True)]
             x = ratio([f / t for f, t in zip(fastest, steps(size, base), strict=True)])
