@@ -9,7 +9,9 @@ LOGITS_ATOL, the loss of every step to LOSS_RTOL (measured: below 1e-7 relative 
 
 from __future__ import annotations
 
+import gc
 import json
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +27,9 @@ from tests.helpers import ROOT, run_cli
 from trec_rank.config.experiment import load_config
 from trec_rank.config.typed import ConfigError
 from trec_rank.data.prepare.synthetic import prepare_synthetic
+from trec_rank.models.ranking import RankingModel
 from trec_rank.parallel.env import init_distributed, shutdown
+from trec_rank.runtime.model import compile_over_arch
 from trec_rank.train.loop import Trainer
 
 LOGITS_ATOL, LOSS_RTOL = 1e-5, 1e-4
@@ -135,3 +139,30 @@ def test_compiled_two_gloo_ranks_match_eager(data: dict[str, Path], tmp_path: Pa
                             for r in range(2)]
     assert [len(r) for r in losses[True]] == [STEPS, STEPS]  # 480 rows a rank: batches of 128, 128, 128, 96
     np.testing.assert_allclose(losses[True], losses[False], rtol=LOSS_RTOL)
+
+
+class _TinyOver(torch.nn.Module):
+    """An over-arch as RankingModel calls it: (pooled, jagged, dense, side) -> {task: logit [B]}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = torch.nn.Linear(3, 1)
+
+    def forward(self, pooled: object, jagged: object, dense: torch.Tensor, side: dict) -> dict[str, torch.Tensor]:
+        return {"y": self.linear(dense).squeeze(-1)}
+
+
+def test_compiled_over_arch_is_freed_with_its_model_without_a_gc_pass() -> None:
+    """The compiled forward set on the over-arch must not hold the over-arch: that cycle kept the module
+    and its compiled code alive until a garbage-collector pass (at worst interpreter shutdown)."""
+    model = RankingModel(None, None, _TinyOver())
+    compile_over_arch(model)
+    out = model.over(None, None, torch.ones(2, 3), {})  # compiled once
+    torch.testing.assert_close(out["y"], model.over.linear(torch.ones(2, 3)).squeeze(-1))
+    freed = weakref.ref(model.over)
+    gc.disable()
+    try:
+        del model, out
+        assert freed() is None
+    finally:
+        gc.enable()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,7 +85,8 @@ def compile_over_arch(dmp: nn.Module) -> None:
     Only the over-arch: the sharded modules and the pipeline's rewritten forwards around them are
     TorchRec's runtime (awaitables, collectives), while the over-arch is tensors in, logits out, and a
     leaf for TrainPipelineSparseDist's tracer, which keeps calling it as one module. What is compiled
-    is its `forward` (set on the instance), after the embeddings' awaitables are waited: with 2+ ranks
+    is its class's `forward`, called by a wrapper set on the instance after the embeddings' awaitables
+    are waited: with 2+ ranks
     the pooled output arrives as a LazyAwaitable whose wait runs an autograd all-to-all that dynamo
     cannot trace. The module itself is unchanged, so parameter names, the state dict and checkpoints
     are the eager model's (wrapping the module in torch.compile() would add `_orig_mod.`).
@@ -93,15 +95,18 @@ def compile_over_arch(dmp: nn.Module) -> None:
     batch."""
     over = [m.over for m in dmp.modules() if isinstance(m, RankingModel)]
     assert len(over) == 1, f"expected one RankingModel in the sharded model, found {len(over)}"
-    compiled = torch.compile(over[0].forward, dynamic=True)
-
+    # The class's forward, compiled, called with the module through a weak reference: the wrapper is
+    # stored on the module, and holding the module (or its bound method) from there would be a cycle
+    # that keeps the whole over-arch and its compiled code alive until a garbage-collector pass.
+    compiled = torch.compile(type(over[0]).forward, dynamic=True)
+    module = weakref.ref(over[0])
     encoder = getattr(over[0], "encoder", None)
 
     def forward(pooled: Any, jagged: Any, *args: Any, **kwargs: Any) -> Any:
         pooled, jagged = _ready(pooled), _ready(jagged)
         if isinstance(encoder, FeatureEncoder) and jagged is not None:  # value checks stay out of the graph
             encoder.check_aligned(jagged, kwargs.get("batch"))
-        return compiled(pooled, jagged, *args, **kwargs)
+        return compiled(module(), pooled, jagged, *args, **kwargs)
 
     over[0].forward = forward
 
