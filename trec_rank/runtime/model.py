@@ -86,10 +86,10 @@ def compile_over_arch(dmp: nn.Module) -> None:
     TorchRec's runtime (awaitables, collectives), while the over-arch is tensors in, logits out, and a
     leaf for TrainPipelineSparseDist's tracer, which keeps calling it as one module. What is compiled
     is its class's `forward`, called by a wrapper set on the instance after the embeddings' awaitables
-    are waited: with 2+ ranks
-    the pooled output arrives as a LazyAwaitable whose wait runs an autograd all-to-all that dynamo
-    cannot trace. The module itself is unchanged, so parameter names, the state dict and checkpoints
-    are the eager model's (wrapping the module in torch.compile() would add `_orig_mod.`).
+    are waited: with 2+ ranks the pooled output arrives as a LazyAwaitable whose wait runs an autograd
+    all-to-all that dynamo cannot trace. The module itself is unchanged, so parameter names, the state
+    dict and checkpoints are the eager model's (wrapping the module in torch.compile() would add
+    `_orig_mod.`).
     dynamic=True from the first call: the jagged behaviour count N changes on every batch and B on a
     last partial batch; without it dynamo compiles static shapes first and recompiles on the second
     batch."""
