@@ -12,9 +12,19 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import TypeVar
+
+T = TypeVar("T")
 
 T975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
         2.131, 2.120, 2.110, 2.101, 2.093, 2.086]  # Student t, 97.5% quantile, 1..20 degrees of freedom
+
+
+def rotated(systems: list[T], rep: int) -> list[T]:
+    """The order to run `systems` in repetition `rep`: rotated by one each repetition, so that no system
+    always runs first (or right after another's compile) and every pair sees the same machine state."""
+    shift = rep % len(systems)
+    return systems[shift:] + systems[:shift]
 
 
 def ratio(values: list[float]) -> str:

@@ -38,7 +38,7 @@ import statistics
 import tempfile
 from pathlib import Path
 
-from intervals import ratio
+from intervals import ratio, rotated
 from peer_runs import (
     LABELS,
     PEERS,
@@ -75,9 +75,7 @@ def measure(model: str, batch: int, args: argparse.Namespace, tmp: Path, npz: Pa
     config, sub, _ = CASES[model]
     results = {}
     trecs = [TREC, *([TREC_L2OFF] if model == "din" else []), *([] if args.no_compile else [TREC_COMPILED])]
-    systems = [*trecs, *PEERS]
-    shift = rep % len(systems)  # rotate the order: no system always runs first (or right after a compile)
-    for system in systems[shift:] + systems[:shift]:
+    for system in rotated([*trecs, *PEERS], rep):
         name = tmp / f"{model}-{batch}-{system}-{rep}"
         if system in TRECS:
             sets = [*TRECS[system], f"data.path={Path(args.data).resolve() / sub}", f"data.batch_size={batch}",

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from intervals import ratio
+from intervals import ratio, rotated
 from peer_runs import LABELS, MAX_LEN, ROOT, TREC, TRECS, peer_columns, run_peer, run_trec, schema_of, write_npz
 
 CONFIG = ROOT / "benchmarks" / "configs" / "din_peers.yaml"
@@ -107,9 +107,8 @@ def main() -> None:
             vocab = {f: (size if t == "item" else tables[t]) for f, t in feature_table.items() if kinds[f] == "sparse"}
             inputs[size] = (data, npz, vocab)
         for rep in range(args.repeat):
-            shift = rep % len(systems)  # rotate the order: no system always runs first
             for size in sizes:
-                for system in systems[shift:] + systems[:shift]:
+                for system in rotated(systems, rep):
                     r = measure(system, size, rep, args, tmp, *inputs[size])
                     results.setdefault((size, system), []).append(r)
                     print(f"rep {rep} {size:>10,} {system:16} {1000 * r['step_median_s']:9.2f} ms/step", flush=True)
