@@ -171,3 +171,24 @@ def test_one_rank_has_no_ddp_and_keeps_the_checkpoint_names(adult_dir: Path) -> 
         assert "model.ebc.embedding_bags.age_b.weight" in names and len(names) == 33
     finally:
         penv.shutdown()
+
+
+GLOO_THREADS_AFTER_MAIN = (
+    "import os, sys; from trec_rank.cli import main; rc = main(sys.argv[1:]); "
+    "names = [open(f'/proc/self/task/{t}/comm').read().strip() for t in os.listdir('/proc/self/task')]; "
+    "print(rc, sorted(n for n in names if 'gloo' in n))")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names come from Linux's /proc")
+def test_a_finished_job_leaves_no_gloo_threads_to_interpreter_exit(adult_dir: Path, tmp_path: Path) -> None:
+    """A job's gloo threads outlived it: destroy_process_group() does not stop them, and TorchRec's sharded
+    modules keep the group alive in reference cycles. They were torn down during interpreter exit, where
+    now and then a rank of a finished 2-rank job aborted (SIGABRT) and torchrun failed the job. The CLI now
+    frees the group before `main` returns."""
+    config = Path(__file__).parents[1] / "configs/adult_mmoe.yaml"
+    proc = subprocess.run([sys.executable, "-c", GLOO_THREADS_AFTER_MAIN, "train", str(config), "--run-dir",
+                           str(tmp_path / "run"), "--set", f"data.path={adult_dir}/adult", "--set",
+                           "train.max_steps=4", "--set", "data.eval_splits=[]"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[-1] == "0 []", proc.stdout[-2000:]

@@ -311,6 +311,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     _output(args.verbose)
     try:
+        return _run(args)
+    finally:  # the command's frames (and any exception it handled) are gone: its process group can go too
+        if "trec_rank.parallel.env" in sys.modules:
+            from trec_rank.parallel.env import free_process_groups
+
+            free_process_groups()
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command; user errors become one `error:` line and an exit code, bugs keep their traceback."""
+    try:
         args.func(args)
     except (ValueError, FileNotFoundError) as err:  # ConfigError and DataError are ValueErrors
         if args.verbose:
