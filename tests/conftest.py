@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,3 +49,13 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         names = vars(module) if module is not None else {}
         tier = "integration" if "run_cli" in names or "subprocess" in names else "unit"
         item.add_marker(getattr(pytest.mark, tier))
+
+
+def pytest_sessionfinish() -> None:
+    """Tests that run jobs in-process (`cli.train`, `Trainer`) leave their process groups to the garbage
+    collector: free them before this interpreter exits, as `trec_rank.cli.main` does after a job
+    (parallel/env.py: free_process_groups)."""
+    if "trec_rank.parallel.env" in sys.modules:
+        from trec_rank.parallel.env import free_process_groups
+
+        free_process_groups()
