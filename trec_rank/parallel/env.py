@@ -215,7 +215,7 @@ def free_process_groups() -> None:
     unregisters it but does not stop them. TorchRec's sharded modules refer to it from reference cycles,
     which only the garbage collector frees, so the group outlived the job and was torn down during
     interpreter finalisation. There a rank intermittently aborted after a job that had finished
-    ("terminate called without an active exception", SIGABRT; about one 2-rank run in ten on a busy
-    2-core machine), and torchrun reported the whole job failed. One full collection (~0.5 s) frees the
-    group and joins its threads."""
+    ("terminate called without an active exception", SIGABRT; about one 2-rank run in 170 on a busy
+    2-core machine; it failed two full test runs), and torchrun reported the whole job failed. One full
+    collection (~0.5 s) frees the group and joins its threads."""
     gc.collect()
