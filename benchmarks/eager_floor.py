@@ -5,7 +5,8 @@
 A bound for benchmarks/train_throughput.py, measured in the same run: one training step
 (forward, backward, Adam on the dense part, Adagrad on one nn.Embedding) on synthetic batches of
 256 rows already in memory, so no loader, no sharding, no pipeline, no metrics.
-  mmoe: 12 sparse features (emb 8) + 6 dense, 4 experts [64], 2 softmax gates, towers [32].
+  mmoe: 12 sparse features (emb 8) + 6 dense, 4 experts [64], 2 softmax gates, towers [32]: trec_rank's
+        own tower modules (models/towers.py, layers.StackedMLP), as the trainer runs them.
   din:  trec_rank's TargetAttention (Dice, [64, 32], factorised) over 35 behaviours per row on
         average (ml-100k's mean history length, max 50) of 32-d keys (item + genre at 16 each),
         then the Dice top MLP [200, 80]; no embedding lookups, no L2.
@@ -27,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from trec_rank.config.models import MoEParams
 from trec_rank.models.attention import AttentionParams, TargetAttention
 from trec_rank.models.dice import make_activation
-from trec_rank.models.layers import MLP
+from trec_rank.models.layers import MLP, StackedLinear, StackedMLP
+from trec_rank.models.towers import build_network
 
 B = 256
 Loss = Callable[[], torch.Tensor]
@@ -52,20 +55,21 @@ def mmoe_loss() -> tuple[Loss, list[torch.optim.Optimizer]]:
     g = torch.Generator().manual_seed(0)
     emb = nn.Embedding(12 * 42, 8)
     ids, dense = torch.randint(0, 12 * 42, (B, 12), generator=g), torch.randn(B, 6, generator=g)
-    labels = torch.randint(0, 2, (B, 2), generator=g).float()
+    labels = torch.randint(0, 2, (2, B), generator=g).float()
     width = 12 * 8 + 6
-    experts = nn.ModuleList([MLP(width, [64]) for _ in range(4)])
-    gates = nn.ModuleList([nn.Linear(width, 4) for _ in range(2)])
-    towers = nn.ModuleList([nn.Sequential(MLP(64, [32]), nn.Linear(32, 1)) for _ in range(2)])
-    dense_opt = torch.optim.Adam([*experts.parameters(), *gates.parameters(), *towers.parameters()], fused=True)
+    # the trainer's own dense modules (experts and gates, then the stacked towers and heads), so the floor
+    # computes what the trainer computes, the same way, minus TorchRec and the loader
+    net = build_network("mmoe", width, ["a", "b"], MoEParams(experts=4, expert_hidden=[64], tower_hidden=[32]),
+                        make_activation("relu"), None)
+    towers, heads = StackedMLP(2, 64, [32]), StackedLinear(2, 32, 1)
+    dense_opt = torch.optim.Adam([*net.parameters(), *towers.parameters(), *heads.parameters()], fused=True)
     sparse_opt = torch.optim.Adagrad(emb.parameters(), lr=0.05)
 
     def loss() -> torch.Tensor:
         x = torch.cat([emb(ids).flatten(1), dense], dim=1)
-        e = torch.stack([m(x) for m in experts], dim=1)
-        mixed = [(torch.softmax(gates[t](x), -1).unsqueeze(-1) * e).sum(1) for t in range(2)]
-        return sum(F.binary_cross_entropy_with_logits(towers[t](mixed[t]).squeeze(-1), labels[:, t])
-                   for t in range(2))
+        per_task, _ = net.forward_gates(x)
+        logits = heads(towers(torch.stack([per_task["a"], per_task["b"]]))).squeeze(-1)  # [2, B]
+        return F.binary_cross_entropy_with_logits(logits, labels)
 
     return loss, [dense_opt, sparse_opt]
 

@@ -16,10 +16,13 @@ from trec_rank.config.experiment import ExperimentConfig, load_config
 from trec_rank.config.models import CGCParams, MoEParams, PLEParams, SharedBottomParams, parse_params
 from trec_rank.config.typed import ConfigError, from_dict, to_dict
 from trec_rank.data.dataset import ParquetDataset
+from trec_rank.models.dice import make_activation
 from trec_rank.models.embeddings import materialize, pooled_values
+from trec_rank.models.layers import MLP, StackedLinear, StackedMLP
 from trec_rank.models.ranking import AUX_LOSS, TaskLoss
 from trec_rank.models.registry import build_model
 from trec_rank.models.towers import build_network
+from trec_rank.runtime.model import fingerprint, ranking_spec
 
 TASKS = ["a", "b", "c"]
 
@@ -57,26 +60,103 @@ def test_mmoe_has_one_gate_per_task_over_all_experts() -> None:
     torch.testing.assert_close(out["c"], (gates["c"].unsqueeze(-1) * experts).sum(1))
 
 
+def _members(stacked: StackedMLP, act: str) -> list[MLP]:
+    """The n MLPs a StackedMLP stands for, with its weights copied member by member."""
+    members = []
+    for i in range(stacked.layers[0].n):
+        widths = [layer.out_dim for layer in stacked.layers]
+        mlp = MLP(stacked.layers[0].in_dim, widths, act=make_activation(act))
+        linears = [m for m in mlp.net if isinstance(m, torch.nn.Linear)]
+        acts = [m for m in mlp.net if not isinstance(m, torch.nn.Linear)]
+        with torch.no_grad():
+            for lin, layer, a, stacked_act in zip(linears, stacked.layers, acts, stacked.acts, strict=True):
+                lin.weight.copy_(layer.weight[i].t())
+                lin.bias.copy_(layer.bias[i, 0])
+                for name, value in stacked_act.named_parameters():
+                    w = value.numel() // layer.n
+                    getattr(a, name).copy_(value[i * w:(i + 1) * w])
+        members.append(mlp)
+    return members
+
+
+@pytest.mark.parametrize("act", ["relu", "prelu", "dice"])
+def test_stacked_mlp_is_n_mlps_with_the_same_weights(act: str) -> None:
+    """Member i of a StackedMLP on x[i] equals an MLP holding member i's weights on x[i], forward and
+    backward; per-unit activations (Dice's batch statistics, PReLU's slopes) stay per member."""
+    torch.manual_seed(0)
+    stacked = StackedMLP(3, 6, [8, 4], act=make_activation(act))
+    with torch.no_grad():  # Dice and PReLU start as (near) ReLU: give every unit its own slope
+        for a in stacked.acts:
+            for value in a.parameters():
+                value.uniform_(-0.5, 0.5)
+    members = _members(stacked, act)
+    x = torch.randn(3, 7, 6, requires_grad=True)
+    got = stacked(x)
+    want = torch.stack([m(x[i]) for i, m in enumerate(members)])
+    torch.testing.assert_close(got, want)
+    g_got = torch.autograd.grad(got.square().sum(), [x, stacked.layers[0].weight])
+    g_want = torch.autograd.grad(want.square().sum(), [x, *[m.net[0].weight for m in members]])
+    torch.testing.assert_close(g_got[0], g_want[0])
+    torch.testing.assert_close(g_got[1], torch.stack([g.t() for g in g_want[1:]]))
+
+
+def test_stacked_linear_members_start_as_nn_linear_does() -> None:
+    """Each member's weight and bias are uniform in +-1/sqrt(in_dim), nn.Linear's own init."""
+    torch.manual_seed(0)
+    layer, bound = StackedLinear(4, 100, 300), 1 / 100 ** 0.5
+    for value in (layer.weight, layer.bias):
+        assert value.abs().max() <= bound and value.abs().max() > 0.99 * bound
+        assert abs(value.mean().item()) < 0.02 * bound
+        torch.testing.assert_close(value.std(), torch.tensor(bound / 3 ** 0.5), rtol=0.03, atol=0.0)
+
+
 @pytest.mark.parametrize("kind", ["moe", "mmoe"])
-def test_experts_and_gates_as_one_matmul_equal_each_module_on_its_own(kind: str) -> None:
-    """forward_gates runs the experts' first layers and the gates as one addmm; the same function
-    computed module by module (expert MLPs, softmax(gate(x)), the weighted sum of the experts) gives the
-    same outputs and gradients."""
+def test_stacked_experts_and_gates_are_the_separate_modules(kind: str) -> None:
+    """MoE's experts (first layer one Linear over all of them, deeper ones stacked) and its gates (one
+    Linear over all gates) compute what n expert MLPs and one softmax(Linear) per gate compute, with
+    the same weights; outputs and gradients agree."""
     net = _net(kind, MoEParams(experts=3, expert_hidden=[8, 4], dropout=0.0))
     x = torch.randn(7, 6, requires_grad=True)
     out, gates = net.forward_gates(x)
-    experts = net.experts(x)
-    want_gates = {name: torch.softmax(gate.linear(x), -1) for name, gate in net.gates.items()}
-    want = {t: (want_gates[t if kind == "mmoe" else "shared"].unsqueeze(-1) * experts).sum(1) for t in TASKS}
-    for name in want_gates:
+    first = net.experts.first
+    experts = []
+    for i, rest in enumerate(_members(net.experts.rest, "relu")):
+        w, b = first.weight[i * 8:(i + 1) * 8], first.bias[i * 8:(i + 1) * 8]
+        experts.append(rest(torch.relu(x @ w.t() + b)))
+    e = torch.stack(experts, dim=1)  # [B, 3, 4]
+    names = TASKS if kind == "mmoe" else ["shared"]
+    want_gates = {g: torch.softmax(x @ net.gates.weight[i * 3:(i + 1) * 3].t() + net.gates.bias[i * 3:(i + 1) * 3],
+                                   -1) for i, g in enumerate(names)}
+    want = {t: (want_gates[t if kind == "mmoe" else "shared"].unsqueeze(-1) * e).sum(1) for t in TASKS}
+    for name in names:
         torch.testing.assert_close(gates[name], want_gates[name])
-    params = [x, *net.parameters()]
-    got_grads = torch.autograd.grad(sum((i + 1) * out[t].square().sum() for i, t in enumerate(TASKS)), params)
-    want_grads = torch.autograd.grad(sum((i + 1) * want[t].square().sum() for i, t in enumerate(TASKS)), params)
+    loss = sum((i + 1) * out[t].square().sum() for i, t in enumerate(TASKS))
+    want_loss = sum((i + 1) * want[t].square().sum() for i, t in enumerate(TASKS))
     for t in TASKS:
         torch.testing.assert_close(out[t], want[t])
-    for got, expected in zip(got_grads, want_grads, strict=True):
-        torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(loss, x)[0], torch.autograd.grad(want_loss, x)[0])
+
+
+def test_task_towers_and_heads_are_one_mlp_and_head_per_task(adult_dir: Path, adult_batch) -> None:  # noqa: ANN001
+    """The over-arch's stacked towers: task t's logit is head_t(tower_t(network output for t))."""
+    cfg = load_config(ROOT / "configs/adult_mmoe.yaml", [f"data.path={adult_dir}/adult"])
+    model = materialize(build_model(cfg), torch.device("cpu"))
+    over, pooled, jagged = model.over, model.ebc(adult_batch.sparse), None  # adult: no sequence features
+    out, _ = over.forward_gates(pooled, jagged, adult_batch.dense)
+    per_task, _ = over.net.forward_gates(over.encoder(pooled, jagged, adult_batch.dense).h)
+    for i, (task, tower) in enumerate(zip(cfg.model.tasks, _members(over.towers, "relu"), strict=True)):
+        head = over.heads
+        torch.testing.assert_close(out[task], (tower(per_task[task]) @ head.weight[i] + head.bias[i, 0]).squeeze(-1))
+
+
+def test_tower_models_fingerprint_their_parameter_layout(adult_dir: Path) -> None:
+    """A checkpoint written before the towers were stacked carries the old fingerprint and is refused by
+    checkpoint.check; models whose layout never changed keep the fingerprint they had."""
+    mmoe = load_config(ROOT / "configs/adult_mmoe.yaml", [f"data.path={adult_dir}/adult"])
+    old = fingerprint({"schema": to_dict(mmoe.schema), "model": to_dict(mmoe.model)})
+    assert ranking_spec(mmoe).fingerprint != old
+    din = load_config(ROOT / "configs/ml100k_din.yaml")
+    assert ranking_spec(din).fingerprint == fingerprint({"schema": to_dict(din.schema), "model": to_dict(din.model)})
 
 
 def test_cgc_task_gates_mix_own_and_shared_experts() -> None:

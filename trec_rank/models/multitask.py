@@ -15,7 +15,7 @@ from trec_rank.config.schema import Schema
 from trec_rank.data.batch import Batch
 from trec_rank.models.dice import make_activation
 from trec_rank.models.encoder import FeatureEncoder
-from trec_rank.models.layers import MLP
+from trec_rank.models.layers import StackedLinear, StackedMLP
 from trec_rank.models.ranking import AUX_LOSS
 from trec_rank.models.towers import Gates, build_network
 
@@ -29,9 +29,10 @@ class MultiTaskOverArch(nn.Module):
         act = make_activation(params.activation, device)
         self.encoder = FeatureEncoder(schema, params.encoder, device)
         self.net = build_network(kind, self.encoder.out_dim, tasks, params, act, device)
-        towers = {t: MLP(self.net.out_dim, params.tower_hidden, params.dropout, device, act) for t in tasks}
-        self.towers = nn.ModuleDict(towers)
-        self.heads = nn.ModuleDict({t: nn.Linear(towers[t].out_dim, 1, device=device) for t in tasks})
+        self.tasks = tasks
+        # one tower MLP and one linear head per task, stacked (layers.StackedMLP): task i is member i
+        self.towers = StackedMLP(len(tasks), self.net.out_dim, params.tower_hidden, params.dropout, device, act)
+        self.heads = StackedLinear(len(tasks), self.towers.out_dim, 1, device)
 
     @property
     def needs_batch(self) -> bool:
@@ -42,7 +43,9 @@ class MultiTaskOverArch(nn.Module):
                       ) -> tuple[dict[str, torch.Tensor], Gates]:
         enc = self.encoder(pooled, jagged, dense, batch)
         per_task, gates = self.net.forward_gates(enc.h)
-        out = {t: self.heads[t](self.towers[t](per_task[t])).squeeze(-1) for t in self.heads}
+        h = torch.stack([per_task[t] for t in self.tasks])  # [T, B, H], in task order
+        logits = self.heads(self.towers(h)).squeeze(-1)  # [T, B]
+        out = dict(zip(self.tasks, logits.unbind(0), strict=True))
         if enc.aux is not None:
             out[AUX_LOSS] = enc.aux
         return out, gates

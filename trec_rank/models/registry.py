@@ -32,6 +32,10 @@ OVER_ARCHES: dict[str, Callable[..., nn.Module]] = {  # (schema, tasks, params, 
     **{kind: partial(MultiTaskOverArch, kind=kind) for kind in ("shared_bottom", "moe", "mmoe", "cgc", "ple")},
     "hstu": hstu.HSTUOverArch,  # HSTU as a ranking over-arch (hstu.py)
 }
+# An over-arch's parameter layout, raised when its parameters change name or shape: checkpoints carry it in
+# their fingerprint, so one written for the old layout is refused by name, not by a missing key deep in DCP.
+# Tower models: 2 = experts, gates, towers and heads stored stacked (towers.py, layers.StackedMLP).
+STATE_LAYOUTS: dict[str, int] = {kind: 2 for kind in ("shared_bottom", "moe", "mmoe", "cgc", "ple")}
 
 
 def build_model(cfg: ExperimentConfig, device: torch.device | None = None,

@@ -14,13 +14,13 @@ Gate weights are softmax outputs (each sums to one); `forward_gates` exposes the
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from trec_rank.config.models import CGCParams, MoEParams, PLEParams, SharedBottomParams, TowerParams
-from trec_rank.models.layers import MLP
+from trec_rank.models.layers import MLP, StackedMLP
 
 Gates = dict[str, torch.Tensor]  # gate name -> [B, experts it mixes]
 
@@ -29,42 +29,32 @@ Act = Callable[[int], nn.Module]
 
 
 class Experts(nn.Module):
-    """n expert MLPs on one input: x [B, D] -> [B, n, H] (every expert has at least one hidden layer)."""
+    """n expert MLPs on one input: x [B, D] -> [B, n, H] (every expert has at least one hidden layer).
+
+    Stored stacked, not as n MLPs: the experts' first layers, which all read x, are one
+    Linear(D, n * hidden[0]) (the same init as n Linear(D, hidden[0])), their activation one act(n *
+    hidden[0]) over [B, n * hidden[0]], and any deeper layers a StackedMLP. Same function as n MLPs
+    (tests/test_towers.py) with one matmul and two parameter tensors per layer instead of n of each."""
 
     def __init__(self, n: int, in_dim: int, hidden: list[int], dropout: float, act: Act,
                  device: torch.device | None) -> None:
         super().__init__()
         assert hidden, "config.models checks expert_hidden is non-empty"
-        nets = [MLP(in_dim, hidden, dropout, device, act) for _ in range(n)]
-        self.nets = nn.ModuleList(nets)
-        self.out_dim = nets[0].out_dim
+        self.n, self.width = n, hidden[0]
+        self.first = nn.Linear(in_dim, n * hidden[0], device=device)
+        self.first_act = act(n * hidden[0])
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else None
+        self.rest = StackedMLP(n, hidden[0], hidden[1:], dropout, device, act)
+        self.out_dim = self.rest.out_dim
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.stack([net(x) for net in self.nets], dim=1)
-
-    def mlps(self) -> list[MLP]:
-        return [net for net in self.nets if isinstance(net, MLP)]
-
-    def first_layers(self) -> list[nn.Linear]:
-        """Each expert's first Linear: they all read the same input, so a caller can run them as one."""
-        return [net.first for net in self.mlps()]
-
-    def after_first(self, firsts: Sequence[torch.Tensor]) -> torch.Tensor:
-        """The experts' outputs [B, n, H] from their first layers' outputs (n x [B, hidden[0]])."""
-        return torch.stack([net.after_first(h) for net, h in zip(self.mlps(), firsts, strict=True)], dim=1)
-
-
-def linears_on_one_input(x: torch.Tensor, linears: list[nn.Linear]) -> tuple[torch.Tensor, ...]:
-    """(l(x) for l in linears) as one matmul over their stacked weights: x [B, D] -> [B, out_l] each.
-
-    MoE's experts and gates all start with a Linear on the same x. At batch 256 a multi-task step
-    is dominated by dispatching small ops, not by arithmetic, and one addmm replaces n + g of them
-    forward and about three times as many backward. The parameters stay the experts' and gates'
-    own, so checkpoints and `forward_gates` are unchanged; results agree up to float rounding
-    (tests/test_towers.py)."""
-    weight = torch.cat([lin.weight for lin in linears])
-    bias = torch.cat([lin.bias for lin in linears])
-    return torch.addmm(bias, x, weight.t()).split([lin.out_features for lin in linears], dim=1)
+        h = self.first_act(self.first(x))  # [B, n * hidden[0]]: expert i's units at columns i * hidden[0]...
+        if self.dropout is not None:
+            h = self.dropout(h)
+        h = h.view(x.shape[0], self.n, self.width)
+        if not self.rest.layers:
+            return h
+        return self.rest(h.transpose(0, 1)).transpose(0, 1)  # the StackedMLP runs member-major [n, B, .]
 
 
 class Gate(nn.Module):
@@ -99,27 +89,27 @@ class SharedBottom(nn.Module):
 
 
 class MixtureOfExperts(nn.Module):
-    """MoE (per_task=False: one shared gate) or MMoE (per_task=True: one gate per task)."""
+    """MoE (per_task=False: one shared gate) or MMoE (per_task=True: one gate per task).
+
+    The gates are one Linear(D, gates * n): gate g's logits are columns g * n...; one matmul for all
+    of them (each keeps nn.Linear(D, n)'s init), as the experts' first layers are one (Experts)."""
 
     def __init__(self, in_dim: int, tasks: list[str], p: MoEParams, act: Act, device: torch.device | None,
                  per_task: bool) -> None:
         super().__init__()
         self.tasks, self.per_task = tasks, per_task
         self.experts = Experts(p.experts, in_dim, p.expert_hidden, p.dropout, act, device)
-        names = tasks if per_task else ["shared"]
-        self.gates = nn.ModuleDict({g: Gate(in_dim, p.experts, device) for g in names})
+        self.gate_names = tasks if per_task else ["shared"]
+        self.gates = nn.Linear(in_dim, len(self.gate_names) * p.experts, device=device)
         self.out_dim = self.experts.out_dim
 
     def forward_gates(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], Gates]:
-        n = len(self.experts.nets)
-        gate_layers = [gate.linear for gate in self.gates.values() if isinstance(gate, Gate)]
-        firsts = linears_on_one_input(x, [*self.experts.first_layers(), *gate_layers])
-        e = self.experts.after_first(firsts[:n])  # [B, n, H]
-        g = torch.softmax(torch.stack(firsts[n:], dim=1), dim=-1)  # [B, gates, n]: each gate's softmax
-        mixed = mix(g, e.unsqueeze(1)).unbind(1)  # every gate's mix at once
-        gates = dict(zip(self.gates, g.unbind(1), strict=True))
+        e = self.experts(x)  # [B, n, H]
+        g = torch.softmax(self.gates(x).view(x.shape[0], len(self.gate_names), self.experts.n), dim=-1)
+        mixed = mix(g, e.unsqueeze(1)).unbind(1)  # every gate's mix at once: [B, gates, n] x [B, 1, n, H]
+        gates = dict(zip(self.gate_names, g.unbind(1), strict=True))
         if self.per_task:
-            return dict(zip(self.gates, mixed, strict=True)), gates
+            return dict(zip(self.gate_names, mixed, strict=True)), gates
         return {t: mixed[0] for t in self.tasks}, gates
 
 

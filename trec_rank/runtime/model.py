@@ -28,7 +28,7 @@ from trec_rank.config.experiment import ExperimentConfig, OptimConfig
 from trec_rank.config.typed import to_dict
 from trec_rank.models.encoder import FeatureEncoder
 from trec_rank.models.ranking import RankingModel, TrainWrapper
-from trec_rank.models.registry import build_model
+from trec_rank.models.registry import STATE_LAYOUTS, build_model
 from trec_rank.parallel.env import DistEnv
 from trec_rank.parallel.sharding import ShardingInputs, shard, tag_sparse_optimizer
 
@@ -58,7 +58,16 @@ def ranking_spec(cfg: ExperimentConfig, id_counts: dict[str, np.ndarray] | None 
         build=lambda: TrainWrapper(build_model(cfg, torch.device("meta"), id_counts=id_counts), cfg.model.tasks,
                                    cfg.train.loss_weights),
         optim=cfg.train.optim, inputs=ShardingInputs(cfg.schema, cfg.sharding, cfg.data.batch_size),
-        fingerprint=fingerprint({"schema": to_dict(cfg.schema), "model": to_dict(cfg.model)}), seed=cfg.train.seed)
+        fingerprint=fingerprint(_fingerprinted(cfg)), seed=cfg.train.seed)
+
+
+def _fingerprinted(cfg: ExperimentConfig) -> dict:
+    """What a ranking checkpoint's tensors depend on: schema, model config and the over-arch's layout
+    version (only where it was raised, so checkpoints of unchanged models keep their fingerprint)."""
+    blob = {"schema": to_dict(cfg.schema), "model": to_dict(cfg.model)}
+    if cfg.model.name in STATE_LAYOUTS:
+        blob["layout"] = STATE_LAYOUTS[cfg.model.name]
+    return blob
 
 
 def planning_model(spec: ModelSpec, device_type: str) -> nn.Module:
