@@ -22,6 +22,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from trec_rank.parallel.host_memory import keep_freed_memory
+
 log = logging.getLogger(__name__)
 GIB = 1024**3
 TIMEOUT_ENV = "TREC_RANK_PG_TIMEOUT_S"  # set by launch/components.py --pg_timeout_s
@@ -178,7 +180,9 @@ def init_distributed(preference: str = "auto", timeout_s: int | None = None,
 
     `timeout_s` (default: $TREC_RANK_PG_TIMEOUT_S, else 1800) bounds every collective. With
     `run_dir`, a multi-rank job first proves that every rank sees the same directory there
-    (`storage.check_shared_dir`), so checkpoints cannot scatter over node-local disks."""
+    (`storage.check_shared_dir`), so checkpoints cannot scatter over node-local disks. Every job kind
+    starts here, so this is also where the host allocator is told to keep what steps free (host_memory)."""
+    keep_freed_memory()
     rank = int(os.environ.get("RANK", 0))
     world = int(os.environ.get("WORLD_SIZE", 1))
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
