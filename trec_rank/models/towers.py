@@ -52,9 +52,7 @@ class Experts(nn.Module):
         if self.dropout is not None:
             h = self.dropout(h)
         h = h.view(x.shape[0], self.n, self.width)
-        if not self.rest.layers:
-            return h
-        return self.rest(h.transpose(0, 1)).transpose(0, 1)  # the StackedMLP runs member-major [n, B, .]
+        return self.rest(h.transpose(0, 1)).transpose(0, 1)  # member-major [n, B, .]; no deeper layers: h
 
 
 class Gate(nn.Module):
